@@ -1,0 +1,46 @@
+"""Environments, each reached through one :class:`~kalm.envs.spec.EnvSpec`.
+
+Importing this package registers the Gymnasium ids (``kalm/CLEVRRobot-v0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+
+from kalm.envs.spec import EnvSpec, Instruction, Task, TaskSpecError
+
+_SPEC_FACTORIES: dict[str, Callable[[], EnvSpec]] = {}
+_SPECS: dict[str, EnvSpec] = {}
+
+
+def _register_clevr() -> None:
+    from kalm.envs import clevr
+
+    if clevr.GYM_ID not in gym.registry:
+        gym.register(
+            id=clevr.GYM_ID,
+            entry_point="kalm.envs.clevr.env:CLEVRRobotEnv",
+            max_episode_steps=clevr.env.MAX_EPISODE_STEPS,
+        )
+    _SPEC_FACTORIES["clevr"] = clevr.make_spec
+
+
+_register_clevr()
+
+
+def get_spec(name: str) -> EnvSpec:
+    """The spec of a named environment (``clevr``); unknown names are refused."""
+    if name not in _SPEC_FACTORIES:
+        raise ValueError(f"unknown environment {name!r} (available: {', '.join(sorted(_SPEC_FACTORIES))})")
+    if name not in _SPECS:
+        _SPECS[name] = _SPEC_FACTORIES[name]()
+    return _SPECS[name]
+
+
+def available() -> list[str]:
+    return sorted(_SPEC_FACTORIES)
+
+
+__all__ = ["EnvSpec", "Instruction", "Task", "TaskSpecError", "get_spec", "available"]

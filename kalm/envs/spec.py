@@ -1,0 +1,105 @@
+"""What every environment tells the rest of kalm.
+
+Grounding, imagination, offline RL and evaluation never branch on an environment's
+name: they read the :class:`EnvSpec`. A new environment joins by building one of these
+in its own folder under ``kalm/envs`` and adding it to :data:`kalm.envs.ENV_SPECS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import gymnasium as gym
+import numpy as np
+
+
+class TaskSpecError(ValueError):
+    """A task description (JSON or Python) is malformed; the message names the field."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A goal as data: a success predicate over states, and a JSON form.
+
+    ``start`` is the state the episode began in; predicates about motion (a push)
+    need it, predicates about arrangements ignore it.
+    """
+
+    kind: str
+
+    def success(self, state: np.ndarray, start: np.ndarray) -> bool: ...
+
+    def cost(self, state: np.ndarray, start: np.ndarray) -> float:
+        """A non-negative distance to success (0 when it holds); planners descend it."""
+        ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction of an evaluation level: the text and the task it means."""
+
+    text: str
+    task: Task
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Everything about one environment that code outside ``kalm/envs`` may use.
+
+    Attributes:
+        name: short name used on the command line (``clevr``).
+        gym_id: the id registered with Gymnasium.
+        state_dim: length of the observation vector.
+        action_space: the Gymnasium action space (``Discrete`` or ``Box``).
+        max_episode_steps: the episode horizon.
+        state_low / state_high: where states can physically be (the workbench);
+            imagined states outside are hallucinations.
+        max_step_displacement: the farthest any state coordinate group (a ball, a
+            gripper) moves in one step under the real physics, measured; imagined
+            steps beyond it violate the dynamics.
+        levels: the evaluation levels in order (``seen``, ``rephrase``, ``easy``,
+            ``hard``), each a function from a seed to its instructions.
+        training_instruction: ``(task, rng) -> str``, a training phrasing of a task.
+        parse_task: ``dict -> Task`` (raises :class:`TaskSpecError`).
+        parse_instruction: ``str -> Task | None``, reads a generated instruction back
+            into a task (used to score rollout explanations).
+        training_tasks: the tasks the real dataset covers.
+        make_expert: ``env -> policy``; the policy maps ``(obs, task, start)`` to an
+            action and plans with the environment's own physics.
+        make_env: builds a Gymnasium environment (``render_mode`` etc. as kwargs).
+        rewards: named reward functions ``(task, state, next_state, start) -> float``
+            used to label transitions (``sparse`` and ``shaped`` at least).
+    """
+
+    name: str
+    gym_id: str
+    state_dim: int
+    action_space: gym.spaces.Space
+    max_episode_steps: int
+    state_low: np.ndarray
+    state_high: np.ndarray
+    max_step_displacement: float
+    levels: Mapping[str, Callable[[int], Sequence[Instruction]]]
+    training_instruction: Callable[[Task, np.random.Generator], str]
+    parse_task: Callable[[Mapping[str, Any]], Task]
+    parse_instruction: Callable[[str], Task | None]
+    training_tasks: Callable[[], Sequence[Task]]
+    make_expert: Callable[[gym.Env], Callable[[np.ndarray, Task, np.ndarray], Any]]
+    make_env: Callable[..., gym.Env]
+    rewards: Mapping[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], float]]
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def discrete(self) -> bool:
+        return isinstance(self.action_space, gym.spaces.Discrete)
+
+    @property
+    def action_dim(self) -> int:
+        """Number of discrete actions, or the length of a continuous action."""
+        if self.discrete:
+            return int(self.action_space.n)
+        return int(np.prod(self.action_space.shape))
