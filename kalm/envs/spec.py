@@ -73,6 +73,11 @@ class EnvSpec:
         make_env: builds a Gymnasium environment (``render_mode`` etc. as kwargs).
         rewards: named reward functions ``(task, state, next_state, start) -> float``
             used to label transitions (``sparse`` and ``shaped`` at least).
+        grounding_phrasings: optional ``task -> (training, validation)`` phrasings for
+            grounding the LLM: the validation ones never appear in its training, so
+            explanation accuracy is measured on unseen wordings. Raises ``ValueError``
+            for tasks it has no phrasings for; ``None`` means grounding uses each
+            episode's own instruction text.
     """
 
     name: str
@@ -91,6 +96,7 @@ class EnvSpec:
     make_expert: Callable[[gym.Env], Callable[[np.ndarray, Task, np.ndarray], Any]]
     make_env: Callable[..., gym.Env]
     rewards: Mapping[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], float]]
+    grounding_phrasings: Callable[[Task], tuple[Sequence[str], Sequence[str]]] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     @property

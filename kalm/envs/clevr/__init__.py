@@ -50,6 +50,7 @@ def make_spec():
         make_expert=make_expert,
         make_env=make_env,
         rewards=REWARDS,
+        grounding_phrasings=language.grounding_phrasings,
     )
 
 

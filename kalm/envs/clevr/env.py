@@ -33,7 +33,7 @@ import mujoco  # noqa: E402
 import numpy as np
 
 from kalm.envs.clevr.render import render_top_down  # noqa: E402
-from kalm.envs.clevr.tasks import COLOURS, parse_task  # noqa: E402
+from kalm.envs.clevr.tasks import COLOURS, parse_task, start_admits  # noqa: E402
 from kalm.envs.spec import Task, TaskSpecError  # noqa: E402
 
 N_BALLS = len(COLOURS)
@@ -114,7 +114,8 @@ class CLEVRRobotEnv(gym.Env):
     """Push five balls into arrangements described by a :class:`~kalm.envs.clevr.tasks.Task`.
 
     ``reset(seed=..., options={"task": task_or_json, "state": ten_vector})`` sets the
-    goal (optional) and the start (optional, otherwise sampled). Reward is 1 on the
+    goal (optional) and the start (optional, otherwise sampled among the starts from
+    which the task is achievable). Reward is 1 on the
     step where the task first holds, which also terminates the episode; ``info``
     carries ``success``. Without a task the reward is always 0.
     """
@@ -202,7 +203,11 @@ class CLEVRRobotEnv(gym.Env):
             raise TaskSpecError(f"options['task'] must be a Task or its JSON form, got {type(task).__name__}")
         self.task = task
         start = options.get("state")
-        self.set_state(self.sample_start(self.np_random) if start is None else np.asarray(start))
+        if start is None:
+            start = self.sample_start(self.np_random)
+            while task is not None and not start_admits(task, start):
+                start = self.sample_start(self.np_random)
+        self.set_state(np.asarray(start))
         self.start_state = self.get_state()
         return self.start_state.copy(), self._info()
 

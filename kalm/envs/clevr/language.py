@@ -65,6 +65,17 @@ TRAINING_RELATIONS: dict[str, tuple[str, ...]] = {
 # LLM's training so its explanation accuracy is measured on unseen wordings.
 VALIDATION_FRAMES: tuple[str, ...] = TRAINING_FRAMES[-3:]
 
+
+
+def grounding_phrasings(task: Task) -> tuple[list[str], list[str]]:
+    """``(training, validation)`` phrasings for LLM grounding: the training frames
+    minus :data:`VALIDATION_FRAMES`, and those frames."""
+    if not isinstance(task, Relation):
+        raise ValueError(f"grounding phrasings exist only for relation goals, not {task.kind!r}")
+    kept = tuple(f for f in TRAINING_FRAMES if f not in VALIDATION_FRAMES)
+    return training_phrasings(task, kept), training_phrasings(task, VALIDATION_FRAMES)
+
+
 # ---------------------------------------------------------------- held-out phrasings
 REPHRASE_FRAMES: tuple[str, ...] = (
     "I'd like the {obj} ball sitting {rel} the {anc} one, please.",

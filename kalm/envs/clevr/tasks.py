@@ -247,6 +247,24 @@ def parse_task(spec: Mapping[str, Any], where: str = "task", depth: int = 0) -> 
     return AllOf(tuple(parse_task(s, f"{where}.tasks[{i}]", depth + 1) for i, s in enumerate(subtasks)))
 
 
+def start_admits(task: Task, start: np.ndarray) -> bool:
+    """Whether the task can be achieved from this start at all.
+
+    A push needs room: a ball resting within a push of the wall it would be pushed
+    into cannot travel 0.15 that way. Arrangements can always be reached, since any
+    ball can be moved first. Resets with a task sample starts until this holds, so
+    success rates measure the policy, not the luck of the start.
+    """
+    if isinstance(task, Push):
+        centre = ball(start, task.object)
+        u = np.asarray(DIRECTIONS[task.direction])
+        room = np.where(u > 0, REACHABLE_HIGH - centre, np.where(u < 0, centre - REACHABLE_LOW, np.inf))
+        return bool(np.min(room) >= PUSH_MIN_DISTANCE + 0.05)
+    if isinstance(task, AllOf):
+        return all(start_admits(t, start) for t in task.tasks)
+    return True
+
+
 def relation_goals() -> list[Relation]:
     """The 80 relation goals of the offline data: 20 ordered colour pairs x 4 directions."""
     return [

@@ -1,0 +1,1 @@
+"""Measured performance tables for kalm (``python -m benchmarks``)."""
