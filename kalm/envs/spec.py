@@ -71,6 +71,9 @@ class EnvSpec:
         make_expert: ``env -> policy``; the policy maps ``(obs, task, start)`` to an
             action and plans with the environment's own physics.
         make_env: builds a Gymnasium environment (``render_mode`` etc. as kwargs).
+        check_transition: ``(state, action, next_state) -> {check: failed}``, the
+            physical-plausibility checks an imagined transition must pass (always
+            including ``off_workbench``, ``too_far`` and ``non_finite``).
         rewards: named reward functions ``(task, state, next_state, start) -> float``
             used to label transitions (``sparse`` and ``shaped`` at least).
         grounding_phrasings: optional ``task -> (training, validation)`` phrasings for
@@ -95,6 +98,7 @@ class EnvSpec:
     training_tasks: Callable[[], Sequence[Task]]
     make_expert: Callable[[gym.Env], Callable[[np.ndarray, Task, np.ndarray], Any]]
     make_env: Callable[..., gym.Env]
+    check_transition: Callable[[np.ndarray, Any, np.ndarray], dict[str, bool]]
     rewards: Mapping[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], float]]
     grounding_phrasings: Callable[[Task], tuple[Sequence[str], Sequence[str]]] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)

@@ -14,12 +14,10 @@ from kalm.envs.clevr.env import (
     CLEVRRobotEnv,
 )
 from kalm.envs.clevr.expert import make_expert
+from kalm.envs.clevr.plausibility import MAX_STEP_DISPLACEMENT, transition_violations
 from kalm.envs.clevr.rewards import REWARDS
 
 GYM_ID = "kalm/CLEVRRobot-v0"
-# The farthest a ball moves in one push under the real physics: 0.449 in the original
-# data, 0.45 here over 20k random pushes; imagined pushes beyond this are implausible.
-MAX_STEP_DISPLACEMENT = 0.5
 
 
 def make_env(**kwargs) -> CLEVRRobotEnv:
@@ -49,6 +47,7 @@ def make_spec():
         training_tasks=tasks.relation_goals,
         make_expert=make_expert,
         make_env=make_env,
+        check_transition=transition_violations,
         rewards=REWARDS,
         grounding_phrasings=language.grounding_phrasings,
     )
