@@ -104,6 +104,97 @@ def inspect(path: Path = typer.Argument(..., help="Episode file (HDF5).")) -> No
     typer.echo(text)
 
 
+@app.command()
+def ground(
+    env: str = typer.Option("clevr", help="Environment name."),
+    data: Path = typer.Option(..., help="Episode file (HDF5) to ground on."),
+    llm: str = typer.Option("smollm2", help="A local causal-LM directory, or 'smollm2' (the embedded model)."),
+    out: Path = typer.Option(..., help="Run directory: model/, metrics.json, checkpoints/."),
+    lora: bool = typer.Option(True, "--lora/--full", help="LoRA adapters (default) or full fine-tuning."),
+    steps: int = typer.Option(None, help="Optimizer steps (default: GroundingConfig.steps)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+) -> None:
+    """Ground an LLM on episodes: dynamics, explanation, generation and goal prediction."""
+    try:
+        import dataclasses
+        import json
+
+        from kalm.data.episodes import load_episodes
+        from kalm.envs import get_spec
+        from kalm.grounding.train import GroundingConfig, train_grounding
+
+        spec = get_spec(env)
+        config = GroundingConfig(finetune="lora" if lora else "full")
+        if steps is not None:
+            config = dataclasses.replace(config, steps=steps)
+        metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "explanation_samples"}, indent=2))
+    typer.echo(f"wrote {out / 'model'} and {out / 'metrics.json'}")
+
+
+@app.command("train")
+def train_cmd(
+    data: list[Path] = typer.Option(..., help="Real episode file(s) (HDF5)."),
+    imaginary: list[Path] = typer.Option([], help="Imaginary episode file(s) mixed into every batch."),
+    algo: str = typer.Option("bc", help="bc | cql (discrete or continuous) | td3plusbc | iql (continuous)."),
+    steps: int = typer.Option(None, help="Gradient steps in total (default: the TrainConfig default)."),
+    out: Path = typer.Option(..., help="Policy directory to create."),
+    seed: int = typer.Option(0, help="Seed for network initialisation and batch sampling."),
+    reward: str = typer.Option("stored", help="stored (the file's rewards) or an env reward to relabel with."),
+    imaginary_ratio: float = typer.Option(0.5, help="Share of each batch drawn from imaginary episodes."),
+    batch_size: int = typer.Option(None, help="Default: the algorithm's reference batch size."),
+    learning_rate: float = typer.Option(None, help="Default: the algorithm's reference learning rate."),
+    encoder: str = typer.Option("minilm", help="Instruction encoder: minilm, or st:/path/to/sentence-transformer."),
+    checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    embedding_cache: Path = typer.Option(None, help="Safetensors file caching instruction embeddings."),
+) -> None:
+    """Train a language-conditioned policy with offline RL (d3rlpy)."""
+    try:
+        from kalm.offline.config import TrainConfig
+        from kalm.offline.train import train
+
+        options = dict(
+            algo=algo, seed=seed, reward=reward, imaginary_ratio=imaginary_ratio, batch_size=batch_size,
+            learning_rate=learning_rate, encoder=encoder, checkpoint_every=checkpoint_every,
+        )
+        if steps is not None:
+            options["steps"] = steps
+        result = train(data, out, TrainConfig(**options), imaginary=imaginary, resume=resume,
+                       embedding_cache=embedding_cache)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in result.final_loss.items())
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s ({losses}); policy in {result.policy_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    policy: Path = typer.Option(None, help="Policy directory written by `kalm train`."),
+    baseline: str = typer.Option(None, help="Evaluate a reference policy instead: random | expert."),
+    env: str = typer.Option(None, help="Environment (only needed with --baseline)."),
+    level: str = typer.Option("all", help="seen | rephrase | easy | hard | all."),
+    tasks: Path = typer.Option(None, help="JSON-lines task file to evaluate instead of the levels."),
+    episodes: int = typer.Option(100, help="Episodes per level (or for the task file)."),
+    seed: int = typer.Option(0, help="Seed for the episode plan (instructions and start states)."),
+    out: Path = typer.Option(None, help="Results JSON (a .md table is written next to it)."),
+    embedding_cache: Path = typer.Option(None, help="Safetensors file caching instruction embeddings."),
+) -> None:
+    """Success rates with 95% Wilson intervals in the real simulator."""
+    try:
+        from kalm.evaluation.cli import run_evaluation
+
+        report, written = run_evaluation(policy, baseline, env, level, tasks, episodes, seed, out, embedding_cache)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    from kalm.evaluation.report import markdown_table
+
+    typer.echo(markdown_table([report]), nl=False)
+    typer.echo(f"wrote {written}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
