@@ -1,0 +1,1 @@
+"""Imaginary rollouts: the grounded LLM writes trajectories for new instructions."""

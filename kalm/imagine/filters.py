@@ -1,0 +1,56 @@
+"""Hallucination statistics and filters for imagined rollouts.
+
+Each transition is checked with the environment's own plausibility test
+(``EnvSpec.check_transition``: off the workbench, beyond the dynamics limits, a body
+moving untouched, non-finite numbers). The *physics* filter drops a rollout with any
+failing transition; the *explain-back* filter asks the grounded LLM to explain the
+rollout and keeps it only if the explanation reads back as the same task.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kalm.envs.spec import EnvSpec
+
+
+@dataclass
+class HallucinationStats:
+    """Counts over one set of rollouts; :meth:`summary` gives the shares."""
+
+    rollouts: int = 0
+    transitions: int = 0
+    failed_transitions: Counter = field(default_factory=Counter)
+    rollouts_with_failure: Counter = field(default_factory=Counter)
+
+    def add(self, violations: list[dict[str, bool]]) -> None:
+        self.rollouts += 1
+        self.transitions += len(violations)
+        seen = Counter()
+        for v in violations:
+            for check, failed in v.items():
+                if failed:
+                    self.failed_transitions[check] += 1
+                    seen[check] = 1
+        self.rollouts_with_failure.update(seen)
+
+    def summary(self) -> dict:
+        checks = sorted(set(self.failed_transitions) | set(self.rollouts_with_failure) | {"non_finite"})
+        return {
+            "rollouts": self.rollouts,
+            "transitions": self.transitions,
+            "transition_share": {c: self.failed_transitions[c] / max(self.transitions, 1) for c in checks},
+            "rollout_share": {c: self.rollouts_with_failure[c] / max(self.rollouts, 1) for c in checks},
+        }
+
+
+def check_rollout(spec: EnvSpec, states: np.ndarray, actions: np.ndarray) -> list[dict[str, bool]]:
+    """The plausibility verdict of every transition of one rollout."""
+    return [spec.check_transition(states[t], actions[t], states[t + 1]) for t in range(len(actions))]
+
+
+def is_plausible(violations: list[dict[str, bool]]) -> bool:
+    return not any(any(v.values()) for v in violations)

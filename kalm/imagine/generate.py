@@ -1,0 +1,169 @@
+"""Batched, KV-cached rollout generation with a grounded LLM.
+
+The prompt (instruction + ``s_0``) is run through the model once; after that each step
+feeds only the newest token: the action placeholder, then the state placeholder. The
+layout is the one grounding trains: the action ``a_t`` and the done signal are read at
+the ``s_t`` position, the next state ``s_{t+1}`` at the ``a_t`` position. (The
+reference implementation read the action from the pass that predicted the state, so it
+re-emitted the previous action and shipped rollouts with ``a_0 == a_1``.)
+
+Rows are left-padded; the attention mask covers the cached tokens plus the new one and
+position ids continue from each row's own prompt length, so padding never shifts a
+row's positions. ``use_cache=False`` re-runs the whole sequence at every step, as the
+reference did; it exists to check the cache and to measure what the cache saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+StopFn = Callable[[int, np.ndarray], bool]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How rollouts are sampled.
+
+    ``temperature`` 0 means greedy actions; above 0 actions are sampled from the
+    softened distribution (discrete) or perturbed by Gaussian noise of that scale in
+    normalised units (continuous). States are always the regressed mean.
+    """
+
+    max_steps: int = 50
+    batch_size: int = 16
+    temperature: float = 0.0
+    use_cache: bool = True
+    stop_on_done: bool = True
+    done_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class GeneratedRollout:
+    """One imagined trajectory: ``states`` (T+1, state_dim), ``actions`` (T,) or (T, a)."""
+
+    instruction: str
+    states: np.ndarray
+    actions: np.ndarray
+    stopped_by: str  # "done", "success", or "horizon"
+
+
+class _Sequence:
+    """The growing batch: prompt embeddings, then one embedding per generated token."""
+
+    def __init__(self, model, prompt: dict, device: torch.device):
+        self.model = model
+        ids = prompt["input_ids"].to(device)
+        self.prompt_embeds = model.embed_sequence(ids, prompt["states"].to(device), prompt["actions"].to(device))
+        self.mask = prompt["attention_mask"].to(device)
+        self.positions = prompt["position_ids"].to(device)
+        self.new_embeds: list[torch.Tensor] = []
+        self.cache = None
+
+    def _append_mask(self) -> None:
+        ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+
+    def start(self, use_cache: bool) -> torch.Tensor:
+        hidden, self.cache = self.model(self.prompt_embeds, self.mask, self.positions, None, use_cache=use_cache)
+        return hidden[:, -1]
+
+    def feed(self, embeds: torch.Tensor, use_cache: bool) -> torch.Tensor:
+        """Append one token per row and return the hidden state at it."""
+        self._append_mask()
+        if use_cache:
+            hidden, self.cache = self.model(embeds, self.mask, self.positions[:, -1:], self.cache, use_cache=True)
+            return hidden[:, -1]
+        self.new_embeds.append(embeds)
+        full = torch.cat([self.prompt_embeds, *self.new_embeds], dim=1)
+        hidden, _ = self.model(full, self.mask, self.positions, None, use_cache=False)
+        return hidden[:, -1]
+
+
+def _choose_actions(model, hidden: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    out = model.predict_action(hidden)
+    if model.config.discrete:
+        if temperature <= 0:
+            return out.argmax(-1)
+        probs = torch.softmax(out / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if temperature > 0:
+        noise = torch.randn(out.shape, generator=generator, device=out.device)
+        out = out + temperature * noise * model.io.action_std
+    return out
+
+
+@torch.no_grad()
+def _generate_batch(
+    model, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
+    stop: StopFn | None, generator: torch.Generator, offset: int,
+) -> list[GeneratedRollout]:
+    device = next(model.parameters()).device
+    batch = len(instructions)
+    seq = _Sequence(model, model.build_generation_prompt(list(instructions), initial_states), device)
+    hidden = seq.start(config.use_cache)
+    state = torch.as_tensor(initial_states, dtype=torch.float32, device=device)
+    states, actions = [state.cpu().numpy()], []
+    ended = np.full(batch, -1)  # number of actions when the row stopped
+    reason = ["horizon"] * batch
+    for t in range(config.max_steps):
+        if config.stop_on_done and t > 0:
+            done = (torch.sigmoid(model.predict_done(hidden)) > config.done_threshold).cpu().numpy()
+            for i in np.flatnonzero(done & (ended < 0)):
+                ended[i], reason[i] = t, "done"
+        if np.all(ended >= 0):
+            break
+        action = _choose_actions(model, hidden, config.temperature, generator)
+        hidden_at_action = seq.feed(model.embed_actions(action), config.use_cache)
+        state = model.predict_state(hidden_at_action, state)
+        actions.append(action.cpu().numpy())
+        states.append(state.cpu().numpy())
+        if stop is not None:
+            for i in np.flatnonzero(ended < 0):
+                if stop(offset + i, states[-1][i]):
+                    ended[i], reason[i] = t + 1, "success"
+        if np.all(ended >= 0):
+            break
+        hidden = seq.feed(model.embed_states(state), config.use_cache)
+    all_states, all_actions = np.stack(states, axis=1), np.stack(actions, axis=1) if actions else None
+    rollouts = []
+    for i in range(batch):
+        n = int(ended[i]) if ended[i] >= 0 else len(actions)
+        acts = all_actions[i, :n] if all_actions is not None else np.zeros((0,), dtype=np.int64)
+        rollouts.append(GeneratedRollout(instructions[i], all_states[i, : n + 1].astype(np.float32), acts, reason[i]))
+    return rollouts
+
+
+def generate_rollouts(
+    model,
+    instructions: Sequence[str],
+    initial_states: np.ndarray,
+    config: GenerationConfig = GenerationConfig(),
+    stop: StopFn | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[GeneratedRollout]:
+    """Imagine one rollout per (instruction, initial state).
+
+    ``stop(index, state)`` is asked after every generated state (``index`` into the
+    inputs); returning True ends that rollout there, e.g. when the task's success
+    predicate holds on the imagined state.
+    """
+    initial_states = np.asarray(initial_states, dtype=np.float32)
+    if len(instructions) != len(initial_states):
+        raise ValueError(f"{len(instructions)} instructions but {len(initial_states)} initial states")
+    model.eval()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    out: list[GeneratedRollout] = []
+    for start in range(0, len(instructions), config.batch_size):
+        end = min(start + config.batch_size, len(instructions))
+        out += _generate_batch(
+            model, instructions[start:end], initial_states[start:end], config, stop, generator, start
+        )
+        if progress is not None:
+            progress(end - start)
+    return out

@@ -1,0 +1,137 @@
+"""Imagine labelled rollouts for a level's instructions with a grounded LLM.
+
+This is the one place that joins a grounded model with the environment's tasks: start
+states come from the real environment's reset distribution (so they are states a
+policy will meet), rollouts come from the LLM, and the task predicates label them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kalm.data.episodes import EpisodeDataset
+from kalm.envs.spec import EnvSpec, Instruction
+from kalm.imagine.filters import HallucinationStats, check_rollout, is_plausible
+from kalm.imagine.generate import GenerationConfig, generate_rollouts
+from kalm.imagine.label import label_rollout
+
+
+@dataclass(frozen=True)
+class ImagineConfig:
+    """What to imagine and what to keep.
+
+    ``keep_failures``: rollouts that never reach the goal stay in the data with zero
+    success reward (they still show plausible motion) or are dropped.
+    ``physics_filter``: drop rollouts with any implausible transition.
+    ``explain_back``: drop rollouts whose explanation by the same LLM does not read
+    back as their task (only for task kinds the environment can parse from text).
+    """
+
+    level: str = "rephrase"
+    n: int = 200
+    seed: int = 0
+    reward: str = "sparse"
+    keep_failures: bool = True
+    physics_filter: bool = False
+    explain_back: bool = False
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass(frozen=True)
+class ImagineResult:
+    dataset: EpisodeDataset
+    stats: dict
+
+
+def sample_prompts(spec: EnvSpec, level: str, n: int, seed: int) -> tuple[list[Instruction], np.ndarray]:
+    """``n`` instructions of the level, cycling its tasks evenly, each with a start
+    state drawn from the environment's reset distribution for that task."""
+    if level not in spec.levels:
+        raise ValueError(f"unknown level {level!r} (levels: {', '.join(spec.levels)})")
+    rng = np.random.default_rng(seed)
+    by_task: dict[str, list[Instruction]] = {}
+    for ins in spec.levels[level](seed):
+        by_task.setdefault(str(ins.task.to_json()), []).append(ins)
+    groups = list(by_task.values())
+    order = rng.permutation(len(groups))
+    chosen = [groups[order[i % len(groups)]][int(rng.integers(len(groups[order[i % len(groups)]])))] for i in range(n)]
+    env = spec.make_env()
+    starts = np.stack(
+        [env.reset(seed=int(rng.integers(2**31)), options={"task": ins.task})[0] for ins in chosen]
+    )
+    env.close()
+    return chosen, starts.astype(np.float32)
+
+
+def _explains_back(model, spec: EnvSpec, episodes, tasks) -> list[bool | None]:
+    """Whether the LLM's explanation of each rollout parses to its task (None: this
+    kind of task cannot be read from text, so the check does not apply)."""
+    from kalm.grounding.evaluate import greedy_text
+
+    verdicts: list[bool | None] = []
+    for start in range(0, len(episodes), 16):
+        chunk = episodes[start : start + 16]
+        prompts = [model.prompts.explanation(e.observations, e.actions, None) for e in chunk]
+        for text, task in zip(greedy_text(model, prompts, max_new_tokens=32), tasks[start : start + 16]):
+            parsed = spec.parse_instruction(text)
+            readable = task.kind in ("relation", "push")
+            verdicts.append((parsed is not None and parsed.to_json() == task.to_json()) if readable else None)
+    return verdicts
+
+
+def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progress: bool = True) -> ImagineResult:
+    """Generate, check, filter and label ``config.n`` rollouts of ``config.level``."""
+    instructions, starts = sample_prompts(spec, config.level, config.n, config.seed)
+    tasks = [ins.task for ins in instructions]
+
+    def reached_goal(index: int, state: np.ndarray) -> bool:
+        return bool(tasks[index].success(state, starts[index]))
+
+    bar = tqdm(total=len(instructions), desc=f"imagine {config.level}", unit="rollout", disable=not progress)
+    generated = generate_rollouts(
+        model, [i.text for i in instructions], starts, config.generation, stop=reached_goal, seed=config.seed,
+        progress=bar.update,
+    )
+    bar.close()
+
+    stats = HallucinationStats()
+    kept, kept_tasks, counts = [], [], {"generated": len(generated), "succeeded": 0, "non_finite": 0,
+                                         "dropped_physics": 0, "dropped_failure": 0, "dropped_explain_back": 0}
+    for rollout, task in zip(generated, tasks):
+        violations = check_rollout(spec, rollout.states, rollout.actions)
+        stats.add(violations)
+        if not np.all(np.isfinite(rollout.states)) or len(rollout.actions) == 0:
+            counts["non_finite"] += not np.all(np.isfinite(rollout.states))
+            continue
+        if config.physics_filter and not is_plausible(violations):
+            counts["dropped_physics"] += 1
+            continue
+        episode, succeeded = label_rollout(spec, task, rollout.instruction, rollout.states, rollout.actions,
+                                           config.reward)
+        counts["succeeded"] += succeeded
+        if not succeeded and not config.keep_failures:
+            counts["dropped_failure"] += 1
+            continue
+        kept.append(episode)
+        kept_tasks.append(task)
+
+    if config.explain_back and kept:
+        verdicts = _explains_back(model, spec, kept, kept_tasks)
+        counts["dropped_explain_back"] = sum(v is False for v in verdicts)
+        kept = [e for e, v in zip(kept, verdicts) if v is not False]
+
+    counts["kept"] = len(kept)
+    if not kept:
+        raise ValueError(f"no imagined rollout was kept for level {config.level!r}: {counts}")
+    summary = {"level": config.level, "counts": counts, "success_share": counts["succeeded"] / max(len(generated), 1),
+               "hallucination": stats.summary()}
+    metadata = {
+        "source": "imagined",
+        "model": str(getattr(model.config, "backbone", "")),
+        "config": {k: v for k, v in asdict(config).items()},
+        "stats": summary,
+    }
+    return ImagineResult(EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata), summary)
