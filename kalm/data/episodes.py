@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,9 +197,8 @@ def save_episodes(dataset: EpisodeDataset, path: str | os.PathLike) -> Path:
         raise DatasetError(f"save_episodes: expected an EpisodeDataset, got {type(dataset).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A unique sibling name (not mkstemp, whose 0600 mode would stick to the result).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         _write_hdf5(dataset, tmp)
         with open(tmp, "rb+") as handle:
