@@ -82,5 +82,5 @@ def test_bad_sources_are_refused(tmp_path: Path) -> None:
         import_kalm_clevr(tmp_path / "partial.npz", SPEC)
     text = tmp_path / "text.npz"
     text.write_text("not a zip")
-    with pytest.raises(DatasetError, match=r"text\.npz: cannot read"):
+    with pytest.raises(DatasetError, match=r"text\.npz: not an .npz archive"):
         import_kalm_clevr(text, SPEC)

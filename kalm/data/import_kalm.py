@@ -70,6 +70,8 @@ def goal_to_task(goal: np.ndarray, where: str) -> Relation:
 def _load_npz(src: Path) -> dict[str, np.ndarray]:
     if not src.exists():
         raise DatasetError(f"{src}: no such file")
+    if not zipfile.is_zipfile(src):
+        raise DatasetError(f"{src}: not an .npz archive (not a zip file)")
     try:
         with np.load(src, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
