@@ -76,6 +76,8 @@ class EnvSpec:
             including ``off_workbench``, ``too_far`` and ``non_finite``).
         rewards: named reward functions ``(task, state, next_state, start) -> float``
             used to label transitions (``sparse`` and ``shaped`` at least).
+        render_state: ``(state, size, caption) -> RGB uint8 image`` of a bare state,
+            with no simulator behind it (imagined states are drawn with it).
         grounding_phrasings: optional ``task -> (training, validation)`` phrasings for
             grounding the LLM: the validation ones never appear in its training, so
             explanation accuracy is measured on unseen wordings. Raises ``ValueError``
@@ -101,6 +103,7 @@ class EnvSpec:
     check_transition: Callable[[np.ndarray, Any, np.ndarray], dict[str, bool]]
     rewards: Mapping[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], float]]
     grounding_phrasings: Callable[[Task], tuple[Sequence[str], Sequence[str]]] | None = None
+    render_state: Callable[[np.ndarray, int, str | None], np.ndarray] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -15,6 +15,7 @@ from kalm.envs.clevr.env import (
 )
 from kalm.envs.clevr.expert import make_expert
 from kalm.envs.clevr.plausibility import MAX_STEP_DISPLACEMENT, transition_violations
+from kalm.envs.clevr.render import render_top_down
 from kalm.envs.clevr.rewards import REWARDS
 
 GYM_ID = "kalm/CLEVRRobot-v0"
