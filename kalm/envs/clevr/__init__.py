@@ -50,6 +50,7 @@ def make_spec():
         make_env=make_env,
         check_transition=transition_violations,
         rewards=REWARDS,
+        render_state=render_top_down,
         grounding_phrasings=language.grounding_phrasings,
     )
 

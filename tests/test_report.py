@@ -1,0 +1,38 @@
+"""The report renders tables, plots and side-by-side GIFs from plain stage outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from kalm.envs import get_spec
+from kalm.report import LevelResult, ReportInputs, Showcase, write_report
+
+
+def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
+    spec = get_spec("clevr")
+    env = spec.make_env()
+    s0, _ = env.reset(seed=0)
+    states = np.stack([s0, env.step(3)[0], env.step(11)[0]])
+    r = LevelResult(mean=0.5, low=0.4, high=0.6, per_seed=(0.45, 0.55), episodes=200)
+    inputs = ReportInputs(
+        title="KALM on CLEVR-Robot",
+        algo="bc",
+        results={"baseline": {"seen": r, "easy": r}, "kalm": {"seen": r, "rephrase": r, "easy": r, "hard": r}},
+        curves={"kalm seed 0": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]},
+        hallucination={"easy": {"counts": {"generated": 10, "kept": 8}, "success_share": 0.7,
+                                "hallucination": {"transition_share": {"too_far": 0.1, "non_finite": 0.0}}}},
+        grounding={"dynamics_improvement": 3.2},
+        timings={"collect": 12.0},
+        showcases=[Showcase("Push the red ball left", states, states[:2], True, False)],
+        notes=["a note"],
+    )
+    md = write_report(tmp_path, inputs, spec)
+    text = md.read_text()
+    assert "| seen | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] |" in text
+    assert "| rephrase | – |" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "<table>" in page and "showcase_0.gif" in page and "<h2>Imagined rollouts</h2>" in page
+    gif = Image.open(tmp_path / "report_files" / "showcase_0.gif")
+    assert gif.n_frames == 3 and gif.size[0] > 2 * gif.size[1]
+    assert Image.open(tmp_path / "report_files" / "success.png").size[0] > 300
