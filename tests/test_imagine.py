@@ -156,3 +156,20 @@ def test_imagine_writes_labelled_episodes_with_provenance(tiny_model):
         assert "no imagined rollout was kept" in str(err)
     else:
         assert all(e.terminated for e in kept)
+
+
+def test_llm_policy_fed_imagined_states_repeats_the_generated_actions(tiny_model):
+    """The policy and the generator share one layout: fed the generator's own states,
+    the policy must choose the generator's actions at every step."""
+    from kalm.envs.spec import Instruction
+    from kalm.imagine.llm_policy import LLMPolicy
+
+    spec = get_spec("clevr")
+    env = spec.make_env()
+    start, _ = env.reset(seed=4)
+    instruction = Instruction("Push the red ball to the left of the blue ball", Relation("red", "blue", "left"))
+    generated = generate_rollouts(tiny_model, [instruction.text], start[None],
+                                  GenerationConfig(max_steps=6, stop_on_done=False))[0]
+    act = LLMPolicy(tiny_model).begin(env, instruction, start, np.random.default_rng(0))
+    chosen = [act(generated.states[t]) for t in range(6)]
+    assert chosen == generated.actions.tolist()
