@@ -181,12 +181,15 @@ def evaluate_cmd(
     seed: int = typer.Option(0, help="Seed for the episode plan (instructions and start states)."),
     out: Path = typer.Option(None, help="Results JSON (a .md table is written next to it)."),
     embedding_cache: Path = typer.Option(None, help="Safetensors file caching instruction embeddings."),
+    epsilon: float = typer.Option(0.0, help="Share of random actions a trained policy takes (0: greedy)."),
 ) -> None:
     """Success rates with 95% Wilson intervals in the real simulator."""
     try:
         from kalm.evaluation.cli import run_evaluation
 
-        report, written = run_evaluation(policy, baseline, env, level, tasks, episodes, seed, out, embedding_cache)
+        report, written = run_evaluation(
+            policy, baseline, env, level, tasks, episodes, seed, out, embedding_cache, epsilon
+        )
     except (ValueError, OSError) as exc:
         _fail(exc)
     from kalm.evaluation.report import markdown_table

@@ -1,0 +1,158 @@
+"""Success rates of a policy in the real simulator, per level and per task kind.
+
+Episodes are planned before any policy runs, from the seed alone: for a level, the
+tasks are visited in a seeded random order, cycling so every task is used equally
+often (ImagineBench's round-robin was uneven across tasks, kalm-reference §9.13), each
+episode with one of its phrasings and a start state drawn from the seed. Every policy
+evaluated with the same seed therefore faces exactly the same episodes, so trained,
+random and expert rows are paired comparisons, and a rerun reproduces its numbers.
+
+A start in which the task already holds would count as a success without any action;
+such starts are redrawn (deterministically) as in data collection.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kalm.envs.spec import EnvSpec, Instruction
+from kalm.evaluation.policies import EvalPolicy
+from kalm.evaluation.stats import wilson_interval
+
+LEVEL_NAMES = ("seen", "rephrase", "easy", "hard")
+_MAX_START_TRIES = 100
+
+
+@dataclass(frozen=True)
+class PlannedEpisode:
+    level: str
+    index: int
+    instruction: Instruction
+    reset_seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    level: str
+    index: int
+    instruction: str
+    task: dict
+    kind: str
+    success: bool
+    steps: int
+
+
+def _level_rng(seed: int, level: str) -> np.random.Generator:
+    # crc32, not hash(): Python salts string hashes per process.
+    return np.random.default_rng([seed, zlib.crc32(level.encode("utf-8"))])
+
+
+def plan_episodes(level: str, instructions: Sequence[Instruction], episodes: int, seed: int) -> list[PlannedEpisode]:
+    """The episodes of one level: tasks balanced, phrasings and starts from the seed."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if not instructions:
+        raise ValueError(f"level {level!r} has no instructions")
+    by_task: dict[str, list[Instruction]] = {}
+    for ins in instructions:
+        by_task.setdefault(json.dumps(ins.task.to_json(), sort_keys=True), []).append(ins)
+    groups = list(by_task.values())
+    rng = _level_rng(seed, level)
+    order: list[int] = []
+    while len(order) < episodes:
+        order.extend(int(i) for i in rng.permutation(len(groups)))
+    planned = []
+    for index, group_index in enumerate(order[:episodes]):
+        group = groups[group_index]
+        instruction = group[int(rng.integers(len(group)))]
+        reset_seeds = tuple(int(s) for s in rng.integers(2**31, size=_MAX_START_TRIES))
+        planned.append(PlannedEpisode(level, index, instruction, reset_seeds))
+    return planned
+
+
+def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode) -> EpisodeResult:
+    task = planned.instruction.task
+    for reset_seed in planned.reset_seeds:
+        obs, info = env.reset(seed=reset_seed, options={"task": task})
+        if not info["success"]:
+            break
+    else:
+        raise RuntimeError(f"no start in {_MAX_START_TRIES} tries where {task.to_json()} does not already hold")
+    act = policy.begin(env, planned.instruction, np.asarray(obs), np.random.default_rng(planned.reset_seeds[-1]))
+    success, steps = False, 0
+    for steps in range(1, spec.max_episode_steps + 1):
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        if info["success"]:
+            success = True
+            break
+        if terminated or truncated:
+            break
+    return EpisodeResult(
+        level=planned.level,
+        index=planned.index,
+        instruction=planned.instruction.text,
+        task=task.to_json(),
+        kind=task.kind,
+        success=success,
+        steps=steps,
+    )
+
+
+def _rate(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    n = len(results)
+    k = sum(r.success for r in results)
+    low, high = wilson_interval(k, n)
+    return {"episodes": n, "successes": k, "success_rate": k / n if n else 0.0, "ci95": [low, high]}
+
+
+def summarise(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Per level: the overall rate and one rate per task kind, each with a Wilson CI."""
+    levels: dict[str, Any] = {}
+    for level in dict.fromkeys(r.level for r in results):
+        rows = [r for r in results if r.level == level]
+        kinds = {kind: _rate([r for r in rows if r.kind == kind]) for kind in sorted({r.kind for r in rows})}
+        levels[level] = {**_rate(rows), "by_kind": kinds}
+    return levels
+
+
+def resolve_levels(spec: EnvSpec, level: str, seed: int) -> dict[str, list[Instruction]]:
+    """``seen``/``rephrase``/``easy``/``hard`` or ``all`` -> instructions per level."""
+    names = list(spec.levels) if level == "all" else [level]
+    unknown = [n for n in names if n not in spec.levels]
+    if unknown:
+        raise ValueError(f"unknown level {unknown[0]!r} for {spec.name} (use {', '.join(spec.levels)} or all)")
+    return {name: list(spec.levels[name](seed)) for name in names}
+
+
+def evaluate(
+    policy: EvalPolicy,
+    spec: EnvSpec,
+    levels: dict[str, Sequence[Instruction]],
+    episodes: int,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``episodes`` episodes per level and return the results as JSON-ready data."""
+    plans = [p for name, ins in levels.items() for p in plan_episodes(name, ins, episodes, seed)]
+    env = spec.make_env()
+    results = []
+    try:
+        for planned in tqdm(plans, desc=f"evaluate {policy.name}", unit="ep", disable=not progress):
+            results.append(run_episode(env, spec, policy, planned))
+    finally:
+        env.close()
+    return {
+        "policy": policy.name,
+        "env": spec.name,
+        "seed": seed,
+        "episodes_per_level": episodes,
+        "levels": summarise(results),
+        "results": [asdict(r) for r in results],
+    }

@@ -1,0 +1,95 @@
+"""What evaluation can run: a trained policy, and two reference rows.
+
+All three go through the same episode loop (:mod:`kalm.evaluation.evaluate`): at the
+start of an episode a policy is told the environment, the instruction and the start
+observation, and returns the function that maps each observation to an action.
+
+- ``random`` acts uniformly at random: the floor any policy must beat.
+- ``expert`` is the environment's scripted planner given the *task* (not the text):
+  the ceiling of what is solvable within the horizon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from kalm.envs import get_spec
+from kalm.envs.spec import EnvSpec, Instruction
+from kalm.offline.policy import LanguagePolicy
+
+ActFn = Callable[[np.ndarray], Any]
+
+
+class EvalPolicy(Protocol):
+    name: str
+
+    def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn: ...
+
+
+class TrainedPolicy:
+    """A policy directory written by ``kalm train``, acting greedily, or ε-greedily.
+
+    A greedy deterministic policy that takes a push which changes nothing (a ball
+    against a wall) sees the same state again and repeats it until the horizon; an
+    ``epsilon`` share of uniformly random actions (drawn from the episode's seeded
+    generator) breaks such loops, as in d3rlpy's and DQN's Atari evaluations. Reports
+    name the epsilon used.
+    """
+
+    def __init__(self, policy_dir: str | Path, embedding_cache: str | Path | None = None, epsilon: float = 0.0):
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        self.policy = LanguagePolicy(policy_dir, embedding_cache)
+        self.epsilon = epsilon
+        self.name = self.policy.name if epsilon == 0 else f"{self.policy.name}@eps{epsilon:g}"
+        self.env = self.policy.env
+        self._random = RandomPolicy(get_spec(self.env))
+
+    def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn:
+        embedding = self.policy.embed(instruction.text)
+        if self.epsilon == 0:
+            return lambda obs: self.policy.act(obs, embedding)
+        explore = self._random.begin(env, instruction, start, rng)
+        epsilon = self.epsilon
+        return lambda obs: explore(obs) if rng.random() < epsilon else self.policy.act(obs, embedding)
+
+
+class RandomPolicy:
+    """Uniform actions from the spec's action space, drawn from the episode's generator."""
+
+    name = "random"
+
+    def __init__(self, spec: EnvSpec):
+        self.space = spec.action_space
+
+    def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn:
+        space = self.space
+        if isinstance(space, gym.spaces.Discrete):
+            return lambda obs: int(space.start + rng.integers(space.n))
+        if isinstance(space, gym.spaces.Box):
+            return lambda obs: rng.uniform(space.low, space.high).astype(space.dtype)
+        raise ValueError(f"random policy: unsupported action space {space!r}")
+
+
+class ExpertPolicy:
+    """The scripted expert, planning for the instruction's task."""
+
+    name = "expert"
+
+    def __init__(self, spec: EnvSpec):
+        self.spec = spec
+        self._experts: dict[int, Callable] = {}
+
+    def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn:
+        key = id(env)
+        if key not in self._experts:
+            self._experts[key] = self.spec.make_expert(env)
+        expert = self._experts[key]
+        task = instruction.task
+        start = np.array(start, copy=True)
+        return lambda obs: expert(obs, task, start)

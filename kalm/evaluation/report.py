@@ -1,0 +1,45 @@
+"""Evaluation results on disk: the full JSON, and a markdown table for people."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kalm.offline.files import write_json_atomic, write_text_atomic
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def markdown_table(reports: Sequence[dict[str, Any]]) -> str:
+    """One row per (policy, level) and one indented row per task kind."""
+    lines = [
+        "| policy | level | kind | episodes | success | 95% CI |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for report in reports:
+        for level, stats in report["levels"].items():
+            lines.append(
+                f"| {report['policy']} | {level} | all | {stats['episodes']} | {_pct(stats['success_rate'])} "
+                f"| {_pct(stats['ci95'][0])}–{_pct(stats['ci95'][1])} |"
+            )
+            if len(stats["by_kind"]) > 1:
+                for kind, k in stats["by_kind"].items():
+                    lines.append(
+                        f"| | | {kind} | {k['episodes']} | {_pct(k['success_rate'])} "
+                        f"| {_pct(k['ci95'][0])}–{_pct(k['ci95'][1])} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (JSON) and the same name with ``.md``, each atomically."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"evaluation output must be a .json file (a .md table is written next to it), got {out}")
+    json_path = write_json_atomic(out, report)
+    header = f"# Evaluation of {report['policy']} on {report['env']} (seed {report['seed']})\n\n"
+    md_path = write_text_atomic(out.with_suffix(".md"), header + markdown_table([report]))
+    return json_path, md_path

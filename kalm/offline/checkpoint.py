@@ -1,0 +1,72 @@
+"""Saving and loading d3rlpy learners without pickle.
+
+d3rlpy's own ``save``/``load_learnable`` (.d3) files are a ``pickle.dump`` of a dict
+(d3rlpy/base.py), and loading one runs ``pickle.load``: a crafted policy file could
+execute code. We therefore store the two halves separately:
+
+- the algorithm's configuration as d3rlpy's own JSON serialisation
+  (``LearnableConfigWithShape.serialize``), and
+- the network and optimiser state dicts as written by d3rlpy's ``save_model``
+  (``torch.save`` of plain state dicts), read back with ``torch.load(...,
+  weights_only=True)``, which refuses anything but tensors and primitive containers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import d3rlpy
+import torch
+
+from kalm.offline.files import write_atomic, write_text_atomic
+
+CPU = "cpu:0"
+
+
+def save_algo_config(algo: d3rlpy.base.LearnableBase, path: str | Path) -> Path:
+    impl = algo.impl
+    if impl is None:
+        raise ValueError("the learner has no networks yet (create_impl was not called)")
+    shaped = d3rlpy.base.LearnableConfigWithShape(
+        observation_shape=impl.observation_shape, action_size=impl.action_size, config=algo.config
+    )
+    return write_text_atomic(path, shaped.serialize())
+
+
+def create_algo(config_path: str | Path) -> d3rlpy.base.LearnableBase:
+    """A learner with freshly initialised networks, built from a stored JSON config."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"algorithm config not found: {path}")
+    try:
+        shaped = d3rlpy.base.LearnableConfigWithShape.deserialize(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # d3rlpy/dataclasses_json raise assorted errors
+        raise ValueError(f"{path} is not a d3rlpy algorithm config: {exc}") from None
+    return shaped.create(device=CPU)
+
+
+def save_weights(algo: d3rlpy.base.LearnableBase, path: str | Path) -> Path:
+    """Networks and optimiser state, atomically (a kill mid-write keeps the old file)."""
+    impl = algo.impl
+    if impl is None:
+        raise ValueError("the learner has no networks yet (create_impl was not called)")
+    return write_atomic(path, impl.save_model)
+
+
+def load_weights(algo: d3rlpy.base.LearnableBase, path: str | Path) -> None:
+    path = Path(path)
+    impl = algo.impl
+    if impl is None:
+        raise ValueError("the learner has no networks yet (create_impl was not called)")
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
+        raise ValueError(f"{path} is not a weights-only model file: {exc}") from None
+    modules = impl.modules.create_checkpointer(CPU).modules
+    missing = sorted(set(modules) - set(states))
+    if missing:
+        raise ValueError(f"{path} lacks the state of {missing[0]!r} (it belongs to another algorithm)")
+    for name, module in modules.items():
+        module.load_state_dict(states[name])

@@ -1,0 +1,129 @@
+"""The settings of one offline-RL training run, stored next to the policy it produced."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kalm.offline.encoder import DEFAULT_ENCODER
+
+ALGOS = ("bc", "cql", "td3plusbc", "iql")
+
+# (algo, discrete) -> (batch size, learning rate). KALM's Table 3 / reference §7 values;
+# continuous CQL's lr is the actor's (the critic gets 3x, as in the reference).
+_DEFAULTS: dict[tuple[str, bool], tuple[int, float]] = {
+    ("bc", True): (100, 1e-3),
+    ("cql", True): (32, 6.25e-5),
+    ("bc", False): (100, 1e-3),
+    ("cql", False): (256, 1e-4),
+    ("td3plusbc", False): (256, 3e-4),
+    ("iql", False): (256, 3e-4),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training run computes.
+
+    Attributes:
+        algo: ``bc``, ``cql``, ``td3plusbc`` or ``iql``.
+        steps: gradient steps in total (a resumed run ends at the same count).
+        seed: seeds the network initialisation and the batch sampler.
+        batch_size / learning_rate: ``None`` takes the algorithm's reference value.
+        gamma: the discount; timeouts bootstrap with it, successes do not.
+        reward: ``stored`` trains on the rewards in the episode files; a name from the
+            env's ``rewards`` (``sparse``, ``shaped``) relabels every transition.
+        imaginary_ratio: share of each batch drawn from imaginary episodes (when any
+            are given).
+        encoder: the instruction encoder (see :mod:`kalm.offline.encoder`).
+        hidden_units: the MLP every network uses.
+        cql_alpha: weight of CQL's conservative term.
+        target_update_interval: discrete CQL's hard target-network update period.
+        td3_alpha: TD3+BC's Q-term weight.
+        bc_beta: weight of discrete BC's penalty. d3rlpy applies it to the squared
+            *log-probabilities* (``Categorical.logits`` are normalised), which pulls
+            the policy towards uniform; at its default 0.5 a 3000-step BC policy
+            reached 41% on seen tasks, see the README for the measurement.
+        standardize: feed the networks observations standardised per dimension with
+            the real data's mean and std (stored in the policy's algo.json). The
+            instruction embedding's components are small (|x| < 0.2) and differ little
+            between instructions; see the README for the measured effect.
+        checkpoint_every: steps between checkpoints (and flushes of the loss curve).
+    """
+
+    algo: str = "bc"
+    steps: int = 3000
+    seed: int = 0
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    gamma: float = 0.99
+    reward: str = "stored"
+    imaginary_ratio: float = 0.5
+    encoder: str = DEFAULT_ENCODER
+    hidden_units: tuple[int, ...] = (256, 256)
+    cql_alpha: float = 10.0
+    target_update_interval: int = 1000
+    td3_alpha: float = 2.5
+    bc_beta: float = 0.0
+    standardize: bool = True
+    checkpoint_every: int = 1000
+    discrete: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algorithm {self.algo!r} (expected one of {', '.join(ALGOS)})")
+        for name in ("steps", "checkpoint_every", "target_update_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.imaginary_ratio <= 1.0:
+            raise ValueError(f"imaginary_ratio must be in [0, 1], got {self.imaginary_ratio}")
+        object.__setattr__(self, "hidden_units", tuple(int(h) for h in self.hidden_units))
+        if not self.hidden_units or min(self.hidden_units) < 1:
+            raise ValueError(f"hidden_units must be positive layer widths, got {self.hidden_units}")
+
+    def for_action_space(self, discrete: bool) -> TrainConfig:
+        """This config with the action type fixed and reference defaults filled in, so
+        the stored config says exactly what ran."""
+        key = (self.algo, discrete)
+        if key not in _DEFAULTS:
+            kind = "discrete" if discrete else "continuous"
+            available = sorted(a for a, d in _DEFAULTS if d == discrete)
+            raise ValueError(f"algorithm {self.algo!r} is not available for {kind} actions (use {', '.join(available)})")
+        batch, lr = _DEFAULTS[key]
+        return dataclasses.replace(
+            self,
+            discrete=discrete,
+            batch_size=self.batch_size if self.batch_size is not None else batch,
+            learning_rate=self.learning_rate if self.learning_rate is not None else lr,
+        )
+
+    def resolved_batch_size(self) -> int:
+        if self.batch_size is None:
+            raise ValueError("call for_action_space() before reading the batch size")
+        return self.batch_size
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is None:
+            raise ValueError("call for_action_space() before reading the learning rate")
+        return self.learning_rate
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["hidden_units"] = list(self.hidden_units)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"training config: unknown field {unknown[0]!r}")
+        return cls(**data)

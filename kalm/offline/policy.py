@@ -1,0 +1,47 @@
+"""A trained policy directory, loaded for acting: ``state, instruction -> action``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kalm.offline.checkpoint import create_algo, load_weights
+from kalm.offline.encoder import CachedEncoder, shared_encoder
+from kalm.offline.files import read_json
+from kalm.offline.train import ALGO_FILE, CONFIG_FILE, MODEL_FILE
+
+
+class LanguagePolicy:
+    """The greedy action of a trained learner on ``state ⊕ embedding(instruction)``."""
+
+    def __init__(self, policy_dir: str | Path, embedding_cache: str | Path | None = None):
+        self.policy_dir = Path(policy_dir)
+        if not self.policy_dir.is_dir():
+            raise FileNotFoundError(f"policy directory not found: {self.policy_dir}")
+        self.config = read_json(self.policy_dir / CONFIG_FILE, "policy config")
+        steps_asked = self.config.get("train", {}).get("steps")
+        if not (self.policy_dir / MODEL_FILE).is_file() or self.config.get("completed_steps") != steps_asked:
+            raise ValueError(
+                f"{self.policy_dir} holds an unfinished run ({self.config.get('completed_steps')} of {steps_asked} "
+                "steps); finish it with `kalm train ... --resume`"
+            )
+        self.env = str(self.config["env"])
+        self.algo = create_algo(self.policy_dir / ALGO_FILE)
+        load_weights(self.algo, self.policy_dir / MODEL_FILE)
+        self.encoder: CachedEncoder = shared_encoder(self.config["encoder"], embedding_cache)
+        expected = int(self.config["observation_dim"])
+        if self.config["state_dim"] + self.encoder.dim != expected:
+            raise ValueError(
+                f"{self.policy_dir}: encoder {self.encoder.name!r} gives {self.encoder.dim}-d vectors but the policy "
+                f"expects {expected - self.config['state_dim']}"
+            )
+        self.name = f"{self.config['train']['algo']}:{self.policy_dir.name}"
+
+    def embed(self, instruction: str) -> np.ndarray:
+        return self.encoder.encode([instruction])[0]
+
+    def act(self, state: np.ndarray, embedding: np.ndarray):
+        x = np.concatenate([np.asarray(state, dtype=np.float32), embedding])[None]
+        action = self.algo.predict(x)[0]
+        return int(action) if np.ndim(action) == 0 else np.asarray(action, dtype=np.float32)
