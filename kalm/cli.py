@@ -198,6 +198,28 @@ def evaluate_cmd(
     typer.echo(f"wrote {written}")
 
 
+@app.command()
+def run(
+    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-tiny) or a JSON file of overrides."),
+    out: Path = typer.Option(Path("runs/clevr-default"), help="Run directory (stages are cached and resumed there)."),
+    llm: str = typer.Option(None, help="Override the backbone: a local Hugging Face causal-LM directory or 'smollm2'."),
+) -> None:
+    """Run the whole KALM experiment: collect, ground, imagine, train, evaluate, report."""
+    try:
+        from dataclasses import replace
+
+        from kalm.pipeline import load_config, run_pipeline
+        from kalm.stagecache import RunLockedError
+
+        resolved = load_config(config)
+        if llm:
+            resolved = replace(resolved, llm=llm)
+        report = run_pipeline(resolved, out)
+    except (ValueError, OSError, RunLockedError) as exc:
+        _fail(exc)
+    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,298 @@
+"""``kalm run``: the whole KALM experiment as cached, resumable stages.
+
+collect real data -> ground the LLM -> imagine rollouts per novel level -> train the
+offline RL baseline (real only) and KALM (real + imagined) with the same algorithm,
+steps and seeds -> evaluate both, and the LLM itself as a policy, on all four levels
+-> write the report.
+
+Every stage lives in ``<out>/stages/<name>-<hash>/``, keyed by its config and the keys
+of the stages it reads (:mod:`kalm.stagecache`). A rerun after a crash or a config
+change redoes only what changed; long stages (grounding, policy training) checkpoint
+inside their partial directory and resume there. A lock keeps two runs from writing
+into the same directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kalm.data.collect import CollectConfig, collect_to_file
+from kalm.data.episodes import load_episodes, save_episodes
+from kalm.envs import get_spec
+from kalm.envs.spec import EnvSpec
+from kalm.evaluation.evaluate import evaluate, resolve_levels
+from kalm.evaluation.policies import TrainedPolicy
+from kalm.evaluation.stats import wilson_interval
+from kalm.grounding.train import GroundingConfig
+from kalm.imagine.generate import GenerationConfig
+from kalm.imagine.rollouts import ImagineConfig
+from kalm.offline.config import TrainConfig
+from kalm.offline.train import read_curve, train
+from kalm.report import LevelResult, ReportInputs, Showcase, write_report
+from kalm.stagecache import RunLock, StageCache
+
+NOVEL_LEVELS = ("rephrase", "easy", "hard")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One KALM experiment. The defaults are ``clevr-default``: the README's main job,
+    sized for about 30 minutes on 2 CPU cores with the embedded SmolLM2-135M."""
+
+    env: str = "clevr"
+    llm: str = "smollm2"
+    collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=800, epsilon=0.1))
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    imagine_levels: tuple[str, ...] = NOVEL_LEVELS
+    imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240, keep_failures=False))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=3000))
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_episodes: int = 100
+    eval_seed: int = 1000
+    llm_policy_episodes: int = 40
+    showcases: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+def _tiny() -> PipelineConfig:
+    """A minutes-long run for tests and smoke checks (pass ``llm`` explicitly: a tiny
+    model directory)."""
+    return PipelineConfig(
+        collect=CollectConfig(episodes=40, epsilon=0.1, chunk_size=20),
+        grounding=replace(GroundingConfig(), steps=4, checkpoint_every=2, eval_episodes=4, eval_batch_size=4,
+                          warmup_steps=1, max_batch_size=8),
+        imagine=ImagineConfig(n=6, keep_failures=True, generation=GenerationConfig(max_steps=4, batch_size=6)),
+        train=TrainConfig(algo="bc", steps=40, checkpoint_every=20),
+        seeds=(0,),
+        eval_episodes=4,
+        llm_policy_episodes=2,
+        showcases=1,
+    )
+
+
+PRESETS = {"clevr-default": PipelineConfig, "clevr-tiny": _tiny}
+
+
+def load_config(name_or_path: str) -> PipelineConfig:
+    """A preset by name, or a JSON file of overrides on top of ``clevr-default``."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"unknown config {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and no such file")
+    try:
+        overrides = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON config ({exc})") from exc
+    return _apply(PipelineConfig(), overrides, str(path))
+
+
+def _apply(base, overrides: Mapping[str, Any], where: str):
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(overrides).__name__}")
+    names = {f.name: f for f in dataclasses.fields(base)}
+    values = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown field {key!r} (expected one of {', '.join(names)})")
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            values[key] = _apply(current, value, f"{where}.{key}")
+        elif isinstance(current, tuple):
+            values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            values[key] = value
+    try:
+        return replace(base, **values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _as_dict(obj) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+
+
+# ---------------------------------------------------------------- stages
+def _collect(cache: StageCache, spec: EnvSpec, config: PipelineConfig):
+    def build(work: Path):
+        dataset = collect_to_file(spec, config.collect, work / "real.h5")
+        return {"episodes": len(dataset.episodes), "success_rate": dataset.success_rate}
+
+    return cache.run("collect", {"env": spec.name, "collect": _as_dict(config.collect)}, build)
+
+
+def _ground(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real):
+    from kalm.grounding.train import train_grounding
+
+    def build(work: Path):
+        dataset = load_episodes(real.path / "real.h5", spec)
+        resume = (work / "checkpoints").exists()
+        return train_grounding(spec, dataset, config.llm, work, config.grounding, resume=resume)
+
+    return cache.run("ground", {"llm": config.llm, "grounding": config.grounding.to_json()}, build,
+                     {"real": real.key})
+
+
+def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded, level: str, model_cache: dict):
+    from kalm.imagine.rollouts import imagine
+
+    imagine_config = replace(config.imagine, level=level)
+
+    def build(work: Path):
+        result = imagine(_model(grounded, spec, model_cache), spec, imagine_config)
+        save_episodes(result.dataset, work / "imagined.h5")
+        return result.stats
+
+    return cache.run(f"imagine-{level}", _as_dict(imagine_config), build, {"model": grounded.key})
+
+
+def _model(grounded, spec: EnvSpec, model_cache: dict):
+    if "model" not in model_cache:
+        from kalm.grounding.model import GroundedLM
+
+        model_cache["model"] = GroundedLM.load(grounded.path / "model", spec)
+    return model_cache["model"]
+
+
+def _train(cache: StageCache, config: PipelineConfig, method: str, seed: int, real, imagined: list):
+    train_config = replace(config.train, seed=seed)
+
+    def build(work: Path):
+        policy = work / "policy"
+        resume = (policy / "checkpoint").exists()
+        result = train(real.path / "real.h5", policy, train_config,
+                       imaginary=[s.path / "imagined.h5" for s in imagined], resume=resume)
+        return {"steps": result.steps, "seconds": result.seconds}
+
+    inputs = {"real": real.key, **{s.name: s.key for s in imagined}}
+    return cache.run(f"train-{method}-s{seed}", {"train": train_config.to_json(), "method": method}, build, inputs)
+
+
+def _evaluate(cache: StageCache, spec: EnvSpec, config: PipelineConfig, name: str, make_policy, episodes: int,
+              inputs: Mapping[str, str]):
+    def build(work: Path):
+        levels = resolve_levels(spec, "all", config.eval_seed)
+        results = evaluate(make_policy(), spec, levels, episodes, config.eval_seed)
+        (work / "results.json").write_text(json.dumps(results))
+        return {level: r["success_rate"] for level, r in results["levels"].items()}
+
+    return cache.run(f"evaluate-{name}", {"episodes": episodes, "seed": config.eval_seed}, build, inputs)
+
+
+def _showcase(cache: StageCache, spec: EnvSpec, config: PipelineConfig, policy_stage, imagined: list):
+    """Replay a few imagined rollouts' instructions with the KALM policy in the real
+    simulator, from the same start states."""
+
+    def build(work: Path):
+        policy = TrainedPolicy(policy_stage.path / "policy")
+        env = spec.make_env()
+        rows = []
+        for stage in imagined:
+            episodes = load_episodes(stage.path / "imagined.h5", spec).episodes
+            succeeded = [e for e in episodes if e.terminated] or list(episodes)
+            for episode in succeeded[: max(1, config.showcases // max(len(imagined), 1))]:
+                from kalm.envs.spec import Instruction
+
+                task = spec.parse_task(episode.task)
+                obs, info = env.reset(seed=0, options={"task": task, "state": episode.observations[0]})
+                act = policy.begin(env, Instruction(episode.instruction, task), obs, np.random.default_rng(0))
+                states = [obs]
+                for _ in range(spec.max_episode_steps):
+                    obs, _, terminated, truncated, info = env.step(act(obs))
+                    states.append(obs)
+                    if terminated or truncated:
+                        break
+                rows.append({"instruction": episode.instruction, "imagined": episode.observations.tolist(),
+                             "imagined_success": bool(episode.terminated), "real": np.stack(states).tolist(),
+                             "real_success": bool(info["success"])})
+        env.close()
+        (work / "showcase.json").write_text(json.dumps(rows))
+        return {"rollouts": len(rows)}
+
+    return cache.run("showcase", {"n": config.showcases},
+                     build, {"policy": policy_stage.key, **{s.name: s.key for s in imagined}})
+
+
+# ---------------------------------------------------------------- aggregation
+def _level_results(result_files: list[Path]) -> dict[str, LevelResult]:
+    per_level: dict[str, list[tuple[int, int]]] = {}
+    for path in result_files:
+        for level, r in json.loads(path.read_text())["levels"].items():
+            per_level.setdefault(level, []).append((r["successes"], r["episodes"]))
+    out = {}
+    for level, runs in per_level.items():
+        k, n = sum(s for s, _ in runs), sum(e for _, e in runs)
+        low, high = wilson_interval(k, n)
+        out[level] = LevelResult(k / max(n, 1), low, high, tuple(s / max(e, 1) for s, e in runs), n)
+    return out
+
+
+def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
+    """Run (or resume) the experiment in ``out`` and return the report's path."""
+    spec = get_spec(config.env)
+    out = Path(out)
+    with RunLock(out):
+        (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+        cache = StageCache(out / "stages")
+        model_cache: dict = {}
+        real = _collect(cache, spec, config)
+        grounded = _ground(cache, spec, config, real)
+        imagined = [_imagine(cache, spec, config, grounded, level, model_cache) for level in config.imagine_levels]
+
+        evaluations: dict[str, list[Path]] = {"baseline": [], "kalm": []}
+        curves, policies = {}, {}
+        for seed in config.seeds:
+            for method, extra in (("baseline", []), ("kalm", imagined)):
+                stage = _train(cache, config, method, seed, real, extra)
+                policies[(method, seed)] = stage
+                curves[f"{method} seed {seed}"] = read_curve(stage.path / "policy" / "curve.csv")
+                ev = _evaluate(cache, spec, config, f"{method}-s{seed}",
+                               lambda s=stage: TrainedPolicy(s.path / "policy"), config.eval_episodes,
+                               {"policy": stage.key})
+                evaluations[method].append(ev.path / "results.json")
+
+        from kalm.imagine.llm_policy import LLMPolicy
+
+        llm_eval = _evaluate(cache, spec, config, "llm-policy", lambda: LLMPolicy(_model(grounded, spec, model_cache)),
+                             config.llm_policy_episodes, {"model": grounded.key})
+        show = _showcase(cache, spec, config, policies[("kalm", config.seeds[0])], imagined)
+
+        results = {"baseline": _level_results(evaluations["baseline"]), "kalm": _level_results(evaluations["kalm"]),
+                   "llm-policy": _level_results([llm_eval.path / "results.json"])}
+        grounding_metrics = json.loads((grounded.path / "stage.json").read_text())["summary"]
+        showcases = [
+            Showcase(r["instruction"], np.asarray(r["imagined"]), np.asarray(r["real"]), r["real_success"],
+                     r["imagined_success"])
+            for r in json.loads((show.path / "showcase.json").read_text())
+        ]
+        timings = {}
+        for stage_dir in sorted((out / "stages").glob("*/stage.json")):
+            record = json.loads(stage_dir.read_text())
+            group = record["stage"].split("-s")[0] if record["stage"].startswith(("train", "evaluate")) else \
+                record["stage"]
+            timings[group] = timings.get(group, 0.0) + float(record["seconds"])
+        inputs = ReportInputs(
+            title=f"KALM on {spec.name} with {config.llm}",
+            algo=config.train.algo,
+            results=results,
+            curves=curves,
+            hallucination={s.name.removeprefix("imagine-"): json.loads((s.path / "stage.json").read_text())["summary"]
+                           for s in imagined},
+            grounding={k: v for k, v in grounding_metrics.items() if isinstance(v, (int, float))},
+            timings=timings,
+            showcases=showcases,
+            notes=[f"{len(config.seeds)} seeds x {config.eval_episodes} episodes per level for each policy; "
+                   f"the LLM policy: {config.llm_policy_episodes} episodes per level.",
+                   f"Resolved config: {out / 'config.json'}"],
+        )
+        return write_report(out, inputs, spec)
