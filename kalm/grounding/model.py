@@ -1,0 +1,469 @@
+"""A causal LM that reads and writes states and actions.
+
+:class:`GroundedLM` wraps any Hugging Face causal LM. Two placeholder tokens are
+*added* to its tokenizer (ids looked up, never hard-coded); at their positions the
+token embedding is replaced, through ``inputs_embeds``, by a learned encoding of the
+number: an MLP for states, an ``nn.Embedding`` for discrete actions or an MLP for
+continuous ones (chosen from the env's action space, never from its name). Heads on
+the final hidden states read states, actions, a done signal, and (the LM head) text.
+
+States are normalised with dataset statistics that travel with the checkpoint. The
+state head predicts the *change* from a reference state (the previous state in the
+sequence) in units of the dataset's per-step change: most coordinates of a physical
+state barely move in one step, and a residual lets the model spend its capacity on
+the ones that do, which is what beating the copy-the-state baseline requires.
+
+Token layout of a trajectory (see :mod:`kalm.grounding.prompts`): the hidden state at
+``s_t`` gives ``a_t`` and done, the hidden state at ``a_t`` gives ``s_{t+1}``.
+
+A checkpoint directory holds ``grounding_config.json``, ``io_layers.safetensors``
+(new layers + statistics), ``tokenizer/`` and either ``adapter/`` (LoRA, applied to
+the base model named in the config) or ``llm/`` (full weights). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kalm.grounding.backbone import load_backbone
+from kalm.grounding.prompts import PromptBuilder, collate
+
+CONFIG_FILE = "grounding_config.json"
+IO_FILE = "io_layers.safetensors"
+FORMAT_VERSION = 1
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class GroundingCheckpointError(ValueError):
+    """A grounding checkpoint is missing, malformed or belongs to another environment."""
+
+
+@dataclass(frozen=True)
+class GroundedLMConfig:
+    """What is needed to rebuild a :class:`GroundedLM` around its backbone.
+
+    ``env``/``state_dim``/``action_dim``/``discrete`` pin the checkpoint to an
+    environment's shapes; ``backbone`` is the base model (a path or an embedded name)
+    that a LoRA checkpoint is applied to.
+    """
+
+    env: str
+    state_dim: int
+    action_dim: int
+    discrete: bool
+    backbone: str
+    finetune: str = "lora"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    io_hidden: int = 256
+    state_token: str = "<|state|>"
+    action_token: str = "<|action|>"
+    base_vocab_size: int = field(default=0)
+
+    def __post_init__(self):
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.state_dim <= 0 or self.action_dim <= 0:
+            raise ValueError(f"state_dim and action_dim must be positive, got {self.state_dim}, {self.action_dim}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> GroundedLMConfig:
+        known = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
+        if missing:
+            raise GroundingCheckpointError(f"{where}: missing config field {missing[0]!r}")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GroundingCheckpointError(f"{where}: unknown config field {unknown[0]!r}")
+        try:
+            values = {k: v for k, v in data.items() if k in known}
+            if "lora_targets" in values:
+                values["lora_targets"] = tuple(values["lora_targets"])
+            return cls(**values)
+        except TypeError as exc:
+            raise GroundingCheckpointError(f"{where}: malformed config ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Dataset statistics: states are fed as ``(s - mean) / std``; state changes are
+    predicted in units of ``delta_std``; continuous actions as ``(a - mean) / std``."""
+
+    state_mean: np.ndarray
+    state_std: np.ndarray
+    delta_std: np.ndarray
+    action_mean: np.ndarray
+    action_std: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, observations: list[np.ndarray], actions: list[np.ndarray], discrete: bool) -> NormStats:
+        """Statistics over episodes' ``(T+1, state_dim)`` observations and ``(T, ...)`` actions."""
+        states = np.concatenate(observations).astype(np.float64)
+        deltas = np.concatenate([np.diff(o, axis=0) for o in observations]).astype(np.float64)
+        floor = 1e-3
+        if discrete:
+            a_mean, a_std = np.zeros(1), np.ones(1)
+        else:
+            acts = np.concatenate(actions).astype(np.float64)
+            a_mean, a_std = acts.mean(0), np.maximum(acts.std(0), floor)
+        return cls(
+            state_mean=states.mean(0).astype(np.float32),
+            state_std=np.maximum(states.std(0), floor).astype(np.float32),
+            delta_std=np.maximum(np.sqrt((deltas**2).mean(0)), floor).astype(np.float32),
+            action_mean=np.asarray(a_mean, np.float32),
+            action_std=np.asarray(a_std, np.float32),
+        )
+
+    @classmethod
+    def identity(cls, state_dim: int, action_dim: int, discrete: bool) -> NormStats:
+        a = 1 if discrete else action_dim
+        return cls(np.zeros(state_dim, np.float32), np.ones(state_dim, np.float32), np.ones(state_dim, np.float32),
+                   np.zeros(a, np.float32), np.ones(a, np.float32))
+
+
+def _mlp(n_in: int, n_hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden), nn.SiLU(),
+                         nn.Linear(n_hidden, n_out))
+
+
+class _ScaledEncoder(nn.Module):
+    """MLP whose output is RMS-normalised to the size of the LLM's token embeddings,
+    so injected vectors start on the scale the transformer expects."""
+
+    def __init__(self, n_in: int, n_hidden: int, hidden_size: int, embedding_rms: float):
+        super().__init__()
+        self.mlp = _mlp(n_in, n_hidden, hidden_size)
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        with torch.no_grad():
+            self.norm.weight.fill_(embedding_rms)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.mlp(x).float())  # fp32 norm also under bf16 autocast
+
+
+class IOLayers(nn.Module):
+    """The new layers: encoders for injected values and heads that read them back."""
+
+    def __init__(self, config: GroundedLMConfig, hidden_size: int, embedding_rms: float, stats: NormStats):
+        super().__init__()
+        h, k = config.io_hidden, config.action_dim
+        self.state_encoder = _ScaledEncoder(config.state_dim, h, hidden_size, embedding_rms)
+        if config.discrete:
+            self.action_encoder = nn.Embedding(k, hidden_size)
+            nn.init.normal_(self.action_encoder.weight, std=embedding_rms)
+        else:
+            self.action_encoder = _ScaledEncoder(k, h, hidden_size, embedding_rms)
+        self.state_head = _mlp(hidden_size, h, config.state_dim)
+        self.action_head = _mlp(hidden_size, h, k)
+        self.done_head = nn.Linear(hidden_size, 1)
+        for name in ("state_mean", "state_std", "delta_std", "action_mean", "action_std"):
+            self.register_buffer(name, torch.as_tensor(getattr(stats, name), dtype=torch.float32).clone())
+
+
+def add_placeholder_tokens(tokenizer, tokens: tuple[str, ...]) -> None:
+    """Add the placeholder tokens as special tokens (a no-op when already present)."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+
+
+def _resize_embeddings(llm, new_size: int) -> None:
+    """Grow the vocabulary; new rows get the mean embedding (deterministic, so a LoRA
+    checkpoint rebuilt on the base model matches the trained one exactly)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if new_size <= old:
+        return
+    llm.resize_token_embeddings(new_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+            if emb is not None and emb.weight.shape[0] == new_size:
+                emb.weight[old:] = emb.weight[:old].mean(0)
+
+
+def _lora_targets(llm, wanted: tuple[str, ...]) -> list[str]:
+    present = {name.rsplit(".", 1)[-1] for name, _ in llm.named_modules()}
+    targets = [t for t in wanted if t in present]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {list(wanted)} exist in this model")
+    return targets
+
+
+class GroundedLM(nn.Module):
+    """The grounded language model. Build with :meth:`create`, restore with :meth:`load`.
+
+    The API the imagination module uses (all tensors batch-first):
+
+    - ``build_generation_prompt(instructions, initial_states)`` -> a left-padded batch
+      ending at the ``s_0`` placeholder;
+    - ``embed_sequence(input_ids, states, actions)`` -> ``(B, L, H)`` embeddings, and
+      ``embed_states(states)`` / ``embed_actions(actions)`` for one new token each;
+    - ``forward(inputs_embeds, attention_mask, position_ids, past_key_values,
+      use_cache)`` -> ``(hidden (B, L, H), cache)``;
+    - ``predict_action(hidden)``, ``predict_done(hidden)`` (read at ``s_t``),
+      ``predict_state(hidden, previous_state)`` (read at ``a_t``), ``token_logits``.
+    """
+
+    def __init__(self, llm, tokenizer, config: GroundedLMConfig, io: IOLayers):
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.config = config
+        self.io = io
+        self.prompts = PromptBuilder(tokenizer, config.state_token, config.action_token, config.state_dim,
+                                     config.action_dim, config.discrete)
+        self.state_token_id = self.prompts.state_token_id
+        self.action_token_id = self.prompts.action_token_id
+        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        decoder = self.decoder
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, config: GroundedLMConfig, stats: NormStats, llm=None, tokenizer=None) -> GroundedLM:
+        """A fresh model around a backbone (loaded from ``config.backbone`` unless given)."""
+        if llm is None or tokenizer is None:
+            llm, tokenizer = load_backbone(config.backbone)
+        base_vocab = llm.get_input_embeddings().weight.shape[0]
+        config = replace(config, base_vocab_size=int(base_vocab))
+        add_placeholder_tokens(tokenizer, (config.state_token, config.action_token))
+        _resize_embeddings(llm, len(tokenizer))
+        rms = float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+        io = IOLayers(config, llm.config.hidden_size, rms, stats)
+        llm = cls._prepare_finetuning(llm, config)
+        return cls(llm, tokenizer, config, io)
+
+    @staticmethod
+    def _prepare_finetuning(llm, config: GroundedLMConfig):
+        if config.finetune == "full":
+            llm.requires_grad_(True)
+            return llm
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=_lora_targets(llm, config.lora_targets), bias="none")
+        return get_peft_model(llm, lora)
+
+    @property
+    def decoder(self):
+        """The transformer body (no LM head); LoRA layers live inside it."""
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return base.get_decoder()
+
+    # ---------------------------------------------------------------- embedding
+    def normalize_states(self, states: torch.Tensor) -> torch.Tensor:
+        return (states.float() - self.io.state_mean) / self.io.state_std
+
+    def embed_sequence(self, input_ids: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with encoded states/actions at the placeholder positions.
+
+        ``states`` is ``(B, L, state_dim)`` and ``actions`` ``(B, L)`` (discrete) or
+        ``(B, L, action_dim)``, aligned with ``input_ids``; values at other positions
+        are ignored.
+        """
+        tokens = self.llm.get_input_embeddings()(input_ids)
+        is_state = (input_ids == self.state_token_id).unsqueeze(-1)
+        is_action = (input_ids == self.action_token_id).unsqueeze(-1)
+        encoded_states = self.io.state_encoder(self.normalize_states(states)).to(tokens.dtype)
+        encoded_actions = self._encode_actions(actions, valid=is_action.squeeze(-1)).to(tokens.dtype)
+        return torch.where(is_action, encoded_actions, torch.where(is_state, encoded_states, tokens))
+
+    def _encode_actions(self, actions: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.discrete:
+            actions = actions.long()
+            if valid is not None:
+                actions = torch.where(valid, actions, torch.zeros_like(actions))
+            if actions.numel() and (actions.min() < 0 or actions.max() >= self.config.action_dim):
+                raise ValueError(f"discrete actions must lie in [0, {self.config.action_dim}), got "
+                                 f"{int(actions.min())}..{int(actions.max())}")
+            return self.io.action_encoder(actions)
+        return self.io.action_encoder((actions.float() - self.io.action_mean) / self.io.action_std)
+
+    def embed_states(self, states: torch.Tensor) -> torch.Tensor:
+        """``(B, state_dim)`` -> ``(B, 1, H)``: one state placeholder token per row."""
+        ids = torch.full((states.shape[0], 1), self.state_token_id, device=states.device)
+        dummy = torch.zeros((states.shape[0], 1) + self._action_shape(), device=states.device)
+        return self.embed_sequence(ids, states[:, None], dummy)
+
+    def embed_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` or ``(B, action_dim)`` -> ``(B, 1, H)``: one action placeholder per row."""
+        ids = torch.full((actions.shape[0], 1), self.action_token_id, device=actions.device)
+        dummy = torch.zeros((actions.shape[0], 1, self.config.state_dim), device=actions.device)
+        return self.embed_sequence(ids, dummy, actions[:, None])
+
+    def _action_shape(self) -> tuple[int, ...]:
+        return () if self.config.discrete else (self.config.action_dim,)
+
+    # ---------------------------------------------------------------- transformer
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False):
+        """Run the transformer body: ``(hidden (B, L, H), cache or None)``.
+
+        Pass ``position_ids`` with left-padded batches (``cumsum(mask) - 1``); the
+        attention mask always covers the cached tokens plus the new ones.
+        """
+        kwargs = {self._cache_kwarg: past_key_values}
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=use_cache, **kwargs)
+        cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else out.past_key_values
+        return out.last_hidden_state, cache
+
+    # ---------------------------------------------------------------- heads
+    def predict_action(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``(..., n_actions)`` (discrete) or the action ``(..., action_dim)``."""
+        out = self.io.action_head(hidden.float())
+        if self.config.discrete:
+            return out
+        return out * self.io.action_std + self.io.action_mean
+
+    def predict_state_change(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The state change in units of the dataset's per-step change (the trained output)."""
+        return self.io.state_head(hidden.float())
+
+    def predict_state(self, hidden: torch.Tensor, previous_state: torch.Tensor) -> torch.Tensor:
+        """The next state in raw units: ``previous_state`` plus the predicted change."""
+        return previous_state.float() + self.predict_state_change(hidden) * self.io.delta_std
+
+    def predict_done(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logit that the episode ends at this state (read at an ``s_t`` position)."""
+        return self.io.done_head(hidden.float()).squeeze(-1)
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+    # ---------------------------------------------------------------- prompts
+    def build_generation_prompt(self, instructions, initial_states) -> dict:
+        """Left-padded batch ``{input_ids, states, actions, attention_mask, position_ids}``
+        ending at each row's ``s_0`` placeholder; the last column's hidden state gives
+        ``a_0`` and done."""
+        if isinstance(instructions, str):
+            instructions, initial_states = [instructions], np.asarray(initial_states)[None]
+        initial_states = np.asarray(initial_states, dtype=np.float32)
+        if initial_states.shape != (len(instructions), self.config.state_dim):
+            raise ValueError(f"initial states must be ({len(instructions)}, {self.config.state_dim}), "
+                             f"got {initial_states.shape}")
+        examples = [self.prompts.generation_prompt(i, s) for i, s in zip(instructions, initial_states)]
+        return collate(examples, self.pad_token_id, left_pad=True)
+
+    # ---------------------------------------------------------------- save / load
+    def trainable_llm_state(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned LLM weights: the LoRA adapter, or everything for full tuning."""
+        if self.config.finetune == "lora":
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(self.llm, save_embedding_layers=False)
+        return self.llm.state_dict()
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically (a temp directory renamed into place)."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            meta = {"format": FORMAT_VERSION, **self.config.to_json()}
+            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.io.state_dict().items()}, staging / IO_FILE)
+            self.tokenizer.save_pretrained(staging / "tokenizer")
+            if self.config.finetune == "lora":
+                self.llm.save_pretrained(staging / "adapter", save_embedding_layers=False)
+            else:
+                self.llm.save_pretrained(staging / "llm")
+            staging.chmod(0o755)
+            _swap_into_place(staging, out)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, spec=None, trainable: bool = False, backbone: str | None = None
+             ) -> GroundedLM:
+        """Restore a checkpoint; with ``spec`` given, refuse one made for other shapes.
+
+        ``backbone`` overrides the base model a LoRA checkpoint is applied to (when
+        the original path moved).
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(directory)
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise GroundingCheckpointError(f"not a grounding checkpoint (no {CONFIG_FILE}): {path}")
+        try:
+            meta = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GroundingCheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+        if meta.pop("format", None) != FORMAT_VERSION:
+            raise GroundingCheckpointError(f"{config_path}: unsupported checkpoint format")
+        config = GroundedLMConfig.from_json(meta, str(config_path))
+        if spec is not None:
+            check_compatible(config, spec, path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+        if config.finetune == "full":
+            llm = AutoModelForCausalLM.from_pretrained(str(path / "llm"), dtype=torch.float32)
+        else:
+            from peft import PeftModel
+
+            llm, _ = load_backbone(backbone or config.backbone)
+            if config.base_vocab_size and llm.get_input_embeddings().weight.shape[0] != config.base_vocab_size:
+                raise GroundingCheckpointError(
+                    f"{path}: the base model {backbone or config.backbone} has a different vocabulary than the one "
+                    "this adapter was trained on")
+            _resize_embeddings(llm, len(tokenizer))
+            llm = PeftModel.from_pretrained(llm, str(path / "adapter"), is_trainable=trainable)
+        io_state = load_file(str(path / IO_FILE))
+        stats = NormStats(**{k: io_state[k].numpy() for k in ("state_mean", "state_std", "delta_std",
+                                                                "action_mean", "action_std")})
+        io = IOLayers(config, llm.config.hidden_size, 1.0, stats)
+        try:
+            io.load_state_dict(io_state, strict=True)
+        except RuntimeError as exc:
+            raise GroundingCheckpointError(f"{path / IO_FILE}: does not match the config ({exc})") from exc
+        model = cls(llm, tokenizer, config, io)
+        if not trainable:
+            model.eval()
+        return model
+
+
+def check_compatible(config: GroundedLMConfig, spec, where) -> None:
+    """Refuse a checkpoint whose state/action shapes differ from the env's."""
+    ours = (config.state_dim, config.action_dim, config.discrete)
+    theirs = (spec.state_dim, spec.action_dim, spec.discrete)
+    if ours != theirs:
+        def describe(s, a, d):
+            return f"state_dim {s}, {a} {'discrete actions' if d else '-dim continuous actions'}"
+
+        raise GroundingCheckpointError(
+            f"the grounding checkpoint {where} was trained for env {config.env!r} ({describe(*ours)}); "
+            f"env {spec.name!r} has {describe(*theirs)}")
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and
+    deleted only after the new one is in place."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

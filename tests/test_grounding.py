@@ -1,0 +1,248 @@
+"""Grounding on a tiny random Llama with the real SmolLM2 tokenizer (CPU, fast)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from kalm.grounding.backbone import BackboneError, load_backbone, load_tokenizer
+from kalm.grounding.model import GroundedLM, GroundedLMConfig, GroundingCheckpointError, NormStats
+from kalm.grounding.prompts import TASKS, collate
+from kalm.grounding.train import GroundingConfig, GroundingObjective, latest_checkpoint, train_grounding
+
+STATE_DIM, N_ACTIONS = 10, 40
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory):
+    """A 2-layer random Llama saved as a model directory, with the real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=512)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _model(backbone, finetune="lora", seed=0, **kw) -> GroundedLM:
+    torch.manual_seed(seed)
+    config = GroundedLMConfig(env="clevr", state_dim=STATE_DIM, action_dim=N_ACTIONS, discrete=True,
+                              backbone=str(backbone), finetune=finetune, **kw)
+    stats = NormStats.identity(STATE_DIM, N_ACTIONS, True)
+    return GroundedLM.create(config, replace(stats, state_std=np.full(STATE_DIM, 0.3, np.float32),
+                                             delta_std=np.full(STATE_DIM, 0.1, np.float32)))
+
+
+def _trajectory(rng, steps=3):
+    obs = rng.uniform(-0.4, 0.5, size=(steps + 1, STATE_DIM)).astype(np.float32)
+    return obs, rng.integers(0, N_ACTIONS, size=steps)
+
+
+def test_placeholders_are_added_tokens_and_found(tiny_backbone):
+    model = _model(tiny_backbone)
+    vocab = model.tokenizer.get_vocab()
+    assert vocab["<|state|>"] == model.state_token_id and vocab["<|action|>"] == model.action_token_id
+    assert model.state_token_id >= model.config.base_vocab_size  # added, not reused
+    assert model.llm.get_input_embeddings().weight.shape[0] == len(model.tokenizer)
+    obs, acts = _trajectory(np.random.default_rng(0))
+    ex = model.prompts.explanation(obs, acts, "Push the red ball behind the blue ball")
+    ids = ex.input_ids
+    states, actions = np.flatnonzero(ids == model.state_token_id), np.flatnonzero(ids == model.action_token_id)
+    assert len(states) == 4 and len(actions) == 3
+    assert np.all(states[1:] == actions + 1) and np.all(actions == states[:-1] + 1)  # s0 a0 s1 a1 s2 a2 s3
+    np.testing.assert_array_equal(ex.states[states], obs)
+    np.testing.assert_array_equal(ex.actions[actions], acts)
+    # text loss covers exactly the instruction tokens and EOS
+    targets = ex.token_targets[ex.token_targets >= 0]
+    text = model.tokenizer.decode(targets[:-1])
+    assert text.strip() == "Push the red ball behind the blue ball"
+    assert targets[-1] == model.tokenizer.eos_token_id
+
+
+def test_embeddings_injected_exactly_at_placeholders(tiny_backbone):
+    model = _model(tiny_backbone)
+    rng = np.random.default_rng(1)
+    obs, acts = _trajectory(rng)
+    batch = collate([model.prompts.generation(obs, acts, "Move the red ball left of the cyan ball", True)],
+                    model.pad_token_id)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        embeds = model.embed_sequence(ids, batch["states"], batch["actions"])
+        plain = model.llm.get_input_embeddings()(ids)
+        changed = (embeds - plain).abs().sum(-1)[0] > 0
+        placeholder = (ids == model.state_token_id) | (ids == model.action_token_id)
+        assert torch.equal(changed, placeholder[0])
+        state_pos = torch.nonzero(ids[0] == model.state_token_id).flatten()
+        expected = model.io.state_encoder(model.normalize_states(torch.from_numpy(obs)))
+        torch.testing.assert_close(embeds[0, state_pos], expected)
+        action_pos = torch.nonzero(ids[0] == model.action_token_id).flatten()
+        torch.testing.assert_close(embeds[0, action_pos], model.io.action_encoder(torch.from_numpy(acts)))
+    # the generation targets follow the layout: a_t at s_t, s_{t+1} at a_t, done at the last state
+    ex = model.prompts.generation(obs, acts, "x", True)
+    s_pos, a_pos = np.flatnonzero(ex.input_ids == model.state_token_id), np.flatnonzero(
+        ex.input_ids == model.action_token_id)
+    np.testing.assert_array_equal(np.flatnonzero(ex.action_mask), s_pos[:-1])
+    np.testing.assert_array_equal(ex.action_targets[s_pos[:-1]], acts)
+    np.testing.assert_array_equal(np.flatnonzero(ex.state_mask), a_pos)
+    np.testing.assert_array_equal(ex.state_targets[a_pos], obs[1:])
+    assert ex.done_targets[s_pos[-1]] == 1 and ex.done_targets[s_pos[:-1]].sum() == 0
+
+
+def _fixed_batch(model, task, rng):
+    examples = []
+    for i in range(4):
+        obs, acts = _trajectory(rng)
+        text = ["Push the red ball behind the blue ball", "Put the green ball left of the cyan ball"][i % 2]
+        if task == "dynamics":
+            examples.append(model.prompts.dynamics(obs[0], acts[0], obs[1]))
+        elif task == "explanation":
+            examples.append(model.prompts.explanation(obs, acts, text))
+        elif task == "generation":
+            examples.append(model.prompts.generation(obs, acts, text, True))
+        else:
+            examples.append(model.prompts.goal(obs[0], text, obs[-1]))
+    return collate(examples, model.pad_token_id)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_loss_falls(tiny_backbone, task):
+    # full fine-tuning: a random tiny model's frozen LM head would make text learn slowly
+    model = _model(tiny_backbone, finetune="full")
+    objective = GroundingObjective(model)
+    batch = _fixed_batch(model, task, np.random.default_rng(2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = objective(batch)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_save_load_round_trip(tiny_backbone, tmp_path, finetune):
+    model = _model(tiny_backbone, finetune=finetune)
+    with torch.no_grad():  # move every trained part off its initial value
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    batch = _fixed_batch(model, "generation", np.random.default_rng(3))
+
+    def outputs(m):
+        with torch.no_grad():
+            h, _ = m(m.embed_sequence(batch["input_ids"], batch["states"], batch["actions"]), batch["attention_mask"],
+                     batch["position_ids"])
+            return m.predict_action(h), m.predict_state(h, batch["state_reference"]), m.predict_done(h), \
+                m.token_logits(h)
+
+    model.save(tmp_path / "ckpt")
+    loaded = GroundedLM.load(tmp_path / "ckpt")
+    for a, b in zip(outputs(model), outputs(loaded)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_load_refuses_other_env_and_bad_dirs(tiny_backbone, tmp_path):
+    from kalm.envs import get_spec
+
+    model = _model(tiny_backbone)
+    model.save(tmp_path / "ckpt")
+    spec = get_spec("clevr")
+    GroundedLM.load(tmp_path / "ckpt", spec=spec)  # same shapes: accepted
+    other = replace(spec, name="other", state_dim=39)
+    with pytest.raises(GroundingCheckpointError, match="state_dim 10.*state_dim 39"):
+        GroundedLM.load(tmp_path / "ckpt", spec=other)
+    with pytest.raises(GroundingCheckpointError, match=str(tmp_path / "nothing")):
+        GroundedLM.load(tmp_path / "nothing")
+
+
+def test_backbone_refuses_missing_and_non_causal_paths(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(BackboneError, match=str(missing)):
+        load_backbone(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BackboneError, match=str(empty)):
+        load_backbone(empty)
+    encoder = tmp_path / "bert"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(BackboneError, match=f"{encoder}.*not a causal language model"):
+        load_backbone(encoder)
+
+
+def _dataset(n=24, seed=0):
+    """Synthetic episodes in the data module's format: pushes that satisfy the task."""
+    from kalm.data.episodes import Episode, EpisodeDataset
+    from kalm.envs.clevr.tasks import relation_goals
+
+    rng = np.random.default_rng(seed)
+    goals = relation_goals()
+    episodes = []
+    for i in range(n):
+        task = goals[i % len(goals)]
+        steps = 1 + i % 3
+        obs = np.tile(rng.uniform(-0.4, 0.4, size=(1, STATE_DIM)), (steps + 1, 1)).astype(np.float32)
+        for t in range(1, steps + 1):
+            obs[t] = obs[t - 1] + rng.normal(0, 0.05, STATE_DIM)
+        # put the object next to the anchor, in the right direction, at the end
+        from kalm.envs.clevr.tasks import COLOURS, DIRECTIONS
+
+        a, o = COLOURS.index(task.anchor), COLOURS.index(task.object)
+        obs[-1, 2 * o : 2 * o + 2] = obs[-1, 2 * a : 2 * a + 2] + 0.3 * np.asarray(DIRECTIONS[task.direction])
+        episodes.append(Episode(observations=obs, actions=rng.integers(0, N_ACTIONS, steps).astype(np.int64),
+                                rewards=np.zeros(steps, np.float32), terminated=True, truncated=False,
+                                instruction="Push the red ball behind the blue ball", task=task.to_json()))
+    return EpisodeDataset(env="clevr", episodes=tuple(episodes), metadata={})
+
+
+def test_training_resumes_to_the_same_final_step(tiny_backbone, tmp_path):
+    from kalm.envs import get_spec
+
+    spec = get_spec("clevr")
+    data = _dataset()
+    config = GroundingConfig(steps=6, checkpoint_every=2, batch_tokens=160, max_batch_size=4, eval_episodes=4,
+                             explanation_max_tokens=4, generation_max_steps=3, num_threads=1, precision="fp32")
+    out = tmp_path / "run"
+    # a run "killed" after step 4: train 4 steps with the same schedule, keeping its checkpoints
+    first = train_grounding(spec, data, str(tiny_backbone), out, replace(config, checkpoint_every=2), progress=False,
+                            resume=False, stop_after=4)
+    assert first["stopped_at"] == 4
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step-0000004"
+    metrics = train_grounding(spec, data, str(tiny_backbone), out, config, resume=True, progress=False)
+    assert metrics["steps"] == 6 and metrics["resumed_from"] == 4
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("dynamics_mse", "copy_baseline_mse", "explanation_accuracy", "generation_success"):
+        assert np.isfinite(saved[key])
+    GroundedLM.load(out / "model", spec=spec)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_backbone, tmp_path):
+    from safetensors.torch import load_file
+
+    from kalm.envs import get_spec
+
+    spec = get_spec("clevr")
+    data = _dataset()
+    config = GroundingConfig(steps=5, checkpoint_every=0, batch_tokens=160, max_batch_size=4, eval_episodes=2,
+                             explanation_max_tokens=2, generation_max_steps=2, num_threads=1, precision="fp32")
+    train_grounding(spec, data, str(tiny_backbone), tmp_path / "whole", config, progress=False)
+    train_grounding(spec, data, str(tiny_backbone), tmp_path / "split", config, progress=False, stop_after=2)
+    train_grounding(spec, data, str(tiny_backbone), tmp_path / "split", config, progress=False, resume=True)
+    for name in ("io_layers.safetensors", "adapter/adapter_model.safetensors"):
+        whole, split = load_file(tmp_path / "whole/model" / name), load_file(tmp_path / "split/model" / name)
+        assert whole.keys() == split.keys()
+        for key in whole:
+            torch.testing.assert_close(whole[key], split[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
