@@ -142,7 +142,7 @@ def train_cmd(
     steps: int = typer.Option(None, help="Gradient steps in total (default: the TrainConfig default)."),
     out: Path = typer.Option(..., help="Policy directory to create."),
     seed: int = typer.Option(0, help="Seed for network initialisation and batch sampling."),
-    reward: str = typer.Option("stored", help="stored (the file's rewards) or an env reward to relabel with."),
+    reward: str = typer.Option("sparse", help="An env reward to relabel with (sparse, shaped), or stored."),
     imaginary_ratio: float = typer.Option(0.5, help="Share of each batch drawn from imaginary episodes."),
     batch_size: int = typer.Option(None, help="Default: the algorithm's reference batch size."),
     learning_rate: float = typer.Option(None, help="Default: the algorithm's reference learning rate."),

@@ -45,7 +45,10 @@ def expert_file(tmp_path_factory):
 
 
 def test_bc_on_expert_data_beats_the_random_policy_on_seen_tasks(expert_file, tmp_path):
-    train(expert_file, tmp_path / "bc", TrainConfig(algo="bc", steps=800, seed=0), progress=False)
+    # Mean pooling suffices here (the four goals differ only in the direction word) and
+    # learns faster than the default order-aware pooling over these few hundred steps.
+    config = TrainConfig(algo="bc", steps=800, seed=0, encoder="minilm")
+    train(expert_file, tmp_path / "bc", config, progress=False)
     goals = {json.dumps(t.to_json()) for t in SPEC.training_tasks()[:N_GOALS]}
     seen = [i for i in SPEC.levels["seen"](0) if json.dumps(i.task.to_json()) in goals]
     levels = {"seen": seen}

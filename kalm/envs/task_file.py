@@ -21,6 +21,8 @@ from kalm.envs.spec import Instruction, Task, TaskSpecError
 MAX_DEPTH = 32
 MAX_LINE_BYTES = 1 << 20
 _FIELDS = ("instruction", "task")
+# JSON's whitespace; str.strip() would also drop control characters such as \x1c.
+_JSON_WHITESPACE = " \t\r"
 
 
 class TaskFileError(ValueError):
@@ -112,7 +114,7 @@ def read_task_file(path: str | Path, parse_task: Callable[[Mapping[str, Any]], T
             raise TaskFileError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
         if number == 1:
             text = text.removeprefix("\ufeff")
-        if not text.strip():
+        if not text.strip(_JSON_WHITESPACE):
             continue
         try:
             instructions.append(parse_task_line(text, parse_task))
