@@ -163,3 +163,14 @@ def test_physics_matches_the_original_recordings():
     report = replay_reference(reference)
     assert report.transitions > 800
     assert report.from_rest_median <= 0.03  # the original code itself replays at 0.0197
+
+
+def test_push_tasks_end_after_one_push_like_the_reference_judge(env):
+    from kalm.envs.clevr.tasks import Push
+
+    env.reset(seed=0, options={"task": Push("red", "left"), "state": SPREAD})
+    _, reward, terminated, truncated, info = env.step(8 * 0 + 0)  # red pushed right: wrong way
+    assert truncated and not terminated and not info["success"] and reward == 0.0
+    env.reset(seed=0, options={"task": Push("red", "left"), "state": SPREAD})
+    _, reward, terminated, truncated, info = env.step(8 * 0 + 2)  # red pushed left
+    assert terminated and not truncated and info["success"] and reward == 1.0

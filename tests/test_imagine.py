@@ -101,7 +101,7 @@ def test_stop_function_ends_a_rollout_at_that_state(tiny_model):
     starts = _starts(2)
     out = generate_rollouts(tiny_model, ["a", "b"], starts, GenerationConfig(max_steps=10, stop_on_done=False),
                             stop=lambda i, s: i == 0)
-    assert out[0].stopped_by == "success" and len(out[0].actions) == 1 and len(out[0].states) == 2
+    assert out[0].stopped_by == "stop" and len(out[0].actions) == 1 and len(out[0].states) == 2
     assert out[1].stopped_by == "horizon" and len(out[1].actions) == 10
 
 

@@ -76,6 +76,8 @@ class EnvSpec:
             including ``off_workbench``, ``too_far`` and ``non_finite``).
         rewards: named reward functions ``(task, state, next_state, start) -> float``
             used to label transitions (``sparse`` and ``shaped`` at least).
+        task_horizon: ``(task) -> int``, the steps an episode of that task may take
+            (the environment truncates there); ``None`` means ``max_episode_steps``.
         render_state: ``(state, size, caption) -> RGB uint8 image`` of a bare state,
             with no simulator behind it (imagined states are drawn with it).
         grounding_phrasings: optional ``task -> (training, validation)`` phrasings for
@@ -104,7 +106,12 @@ class EnvSpec:
     rewards: Mapping[str, Callable[[Task, np.ndarray, np.ndarray, np.ndarray], float]]
     grounding_phrasings: Callable[[Task], tuple[Sequence[str], Sequence[str]]] | None = None
     render_state: Callable[[np.ndarray, int, str | None], np.ndarray] | None = None
+    task_horizon: Callable[[Task], int] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def horizon(self, task: Task) -> int:
+        """Steps an episode of ``task`` may take."""
+        return self.max_episode_steps if self.task_horizon is None else self.task_horizon(task)
 
     @property
     def discrete(self) -> bool:

@@ -48,7 +48,7 @@ class GeneratedRollout:
     instruction: str
     states: np.ndarray
     actions: np.ndarray
-    stopped_by: str  # "done", "success", or "horizon"
+    stopped_by: str  # "done" (the model's signal), "stop" (the caller's stop function), or "horizon"
 
 
 class _Sequence:
@@ -125,7 +125,7 @@ def _generate_batch(
         if stop is not None:
             for i in np.flatnonzero(ended < 0):
                 if stop(offset + i, states[-1][i]):
-                    ended[i], reason[i] = t + 1, "success"
+                    ended[i], reason[i] = t + 1, "stop"
         if np.all(ended >= 0):
             break
         hidden = seq.feed(model.embed_states(state), config.use_cache)

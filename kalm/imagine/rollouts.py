@@ -86,9 +86,13 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     """Generate, check, filter and label ``config.n`` rollouts of ``config.level``."""
     instructions, starts = sample_prompts(spec, config.level, config.n, config.seed)
     tasks = [ins.task for ins in instructions]
+    horizons = [spec.horizon(t) for t in tasks]
+    steps = np.zeros(len(tasks), dtype=np.int64)
 
     def reached_goal(index: int, state: np.ndarray) -> bool:
-        return bool(tasks[index].success(state, starts[index]))
+        """Stop at success, or where the task's own horizon ends the episode."""
+        steps[index] += 1
+        return bool(tasks[index].success(state, starts[index])) or steps[index] >= horizons[index]
 
     bar = tqdm(total=len(instructions), desc=f"imagine {config.level}", unit="rollout", disable=not progress)
     generated = generate_rollouts(

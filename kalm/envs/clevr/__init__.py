@@ -51,6 +51,7 @@ def make_spec():
         check_transition=transition_violations,
         rewards=REWARDS,
         render_state=render_top_down,
+        task_horizon=lambda task: tasks.task_horizon(task, MAX_EPISODE_STEPS),
         grounding_phrasings=language.grounding_phrasings,
     )
 

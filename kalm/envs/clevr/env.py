@@ -33,7 +33,7 @@ import mujoco  # noqa: E402
 import numpy as np
 
 from kalm.envs.clevr.render import render_top_down  # noqa: E402
-from kalm.envs.clevr.tasks import COLOURS, parse_task, start_admits  # noqa: E402
+from kalm.envs.clevr.tasks import COLOURS, parse_task, start_admits, task_horizon  # noqa: E402
 from kalm.envs.spec import Task, TaskSpecError  # noqa: E402
 
 N_BALLS = len(COLOURS)
@@ -115,7 +115,8 @@ class CLEVRRobotEnv(gym.Env):
 
     ``reset(seed=..., options={"task": task_or_json, "state": ten_vector})`` sets the
     goal (optional) and the start (optional, otherwise sampled among the starts from
-    which the task is achievable). Reward is 1 on the
+    which the task is achievable). Push tasks end after one push (truncated unless it
+    succeeded), as the reference judged them; other episodes last 50 pushes. Reward is 1 on the
     step where the task first holds, which also terminates the episode; ``info``
     carries ``success``. Without a task the reward is always 0.
     """
@@ -147,6 +148,7 @@ class CLEVRRobotEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, shape=(STATE_DIM,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
         self.task: Task | None = None
+        self._pushes = 0
         self.start_state = np.zeros(STATE_DIM, dtype=np.float32)
         self._mj_renderer: Any = None
 
@@ -209,6 +211,7 @@ class CLEVRRobotEnv(gym.Env):
                 start = self.sample_start(self.np_random)
         self.set_state(np.asarray(start))
         self.start_state = self.get_state()
+        self._pushes = 0
         return self.start_state.copy(), self._info()
 
     def push(self, action: int) -> None:
@@ -224,10 +227,13 @@ class CLEVRRobotEnv(gym.Env):
         if not self.action_space.contains(action):
             raise ValueError(f"action {action!r} is outside Discrete({N_ACTIONS})")
         self.push(int(action))
+        self._pushes += 1
         state = self.get_state()
         info = self._info(state)
         reward = 1.0 if info["success"] else 0.0
-        return state, reward, info["success"], False, info
+        horizon = task_horizon(self.task, MAX_EPISODE_STEPS) if self.task is not None else MAX_EPISODE_STEPS
+        truncated = not info["success"] and self._pushes >= horizon < MAX_EPISODE_STEPS
+        return state, reward, info["success"], truncated, info
 
     def _info(self, state: np.ndarray | None = None) -> dict[str, Any]:
         state = self.get_state() if state is None else state

@@ -247,6 +247,17 @@ def parse_task(spec: Mapping[str, Any], where: str = "task", depth: int = 0) -> 
     return AllOf(tuple(parse_task(s, f"{where}.tasks[{i}]", depth + 1) for i, s in enumerate(subtasks)))
 
 
+# The reference judged its easy level on a single push (an easy episode ended after
+# one step). Without this, 50 random pushes move the right ball the right way in 73 %
+# of push episodes, and the level would measure luck rather than understanding.
+PUSH_HORIZON = 1
+
+
+def task_horizon(task: Task, default: int) -> int:
+    """How many pushes an episode of this task may take."""
+    return PUSH_HORIZON if isinstance(task, Push) else default
+
+
 def start_admits(task: Task, start: np.ndarray) -> bool:
     """Whether the task can be achieved from this start at all.
 
