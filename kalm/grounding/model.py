@@ -362,14 +362,6 @@ class GroundedLM(nn.Module):
         return collate(examples, self.pad_token_id, left_pad=True)
 
     # ---------------------------------------------------------------- save / load
-    def trainable_llm_state(self) -> dict[str, torch.Tensor]:
-        """The fine-tuned LLM weights: the LoRA adapter, or everything for full tuning."""
-        if self.config.finetune == "lora":
-            from peft import get_peft_model_state_dict
-
-            return get_peft_model_state_dict(self.llm, save_embedding_layers=False)
-        return self.llm.state_dict()
-
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the checkpoint atomically (a temp directory renamed into place)."""
         from safetensors.torch import save_file

@@ -6,9 +6,19 @@ as fit a token budget. LoRA on the attention and MLP projections by default
 (``finetune="full"`` trains every LLM weight); the new I/O layers always train.
 
 ``accelerate`` makes the same code run on CPU, one GPU or several. Precision is bf16
-on GPU; on CPU it is bf16 autocast too when the CPU has native bf16 (measured about
-1.8x faster than fp32 on the 2-core AVX512-BF16 box), otherwise fp32. Multi-GPU with
-DeepSpeed ZeRO-3 (parameters sharded; CPU offload of optimizer and weights)::
+on GPU; on CPU it is bf16 autocast when the CPU has native bf16 (AVX512-BF16/AMX),
+otherwise fp32. Measured on the shared 2-core box, SmolLM2-135M + LoRA, one thread,
+a 16x30-token explanation batch: fp32 2.6 s/step, bf16 autocast 2.25 s/step. Torch
+threads default to the idle cores: two threads beside one busy process ran 10x
+slower (OpenMP threads spinning against each other).
+
+Default config, measured (real CLEVR data, 800 expert episodes, 720 for training;
+one torch thread while three other jobs shared the 2 cores): 300 steps at about
+3.3 s/step, 17 min wall including loading and a 32 s evaluation; held-out dynamics
+MSE 7.4x below the copy-the-state baseline, explanation accuracy only 9%.
+
+Multi-GPU with DeepSpeed ZeRO-3 (parameters sharded; CPU offload of optimizer and
+weights)::
 
     accelerate launch --config_file kalm/grounding/configs/accelerate_zero3.yaml \\
         -m kalm.cli ground --env clevr --data data/clevr.h5 --llm PATH --out runs/ground --full
@@ -19,7 +29,8 @@ Checkpoints (every ``checkpoint_every`` steps, the last ``keep_checkpoints`` kep
 hold the model (safetensors), the optimizer (``torch.load(weights_only=True)``), the
 scheduler and RNG state (JSON / safetensors). Batches are a function of the step
 number, so a killed run resumed with ``resume=True`` follows the same path and ends
-at the same step.
+at the same step (CPU, one GPU, DDP; not under DeepSpeed, whose optimizer state is
+sharded).
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -67,7 +79,7 @@ class GroundingConfig:
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     io_hidden: int = 256
     task_weights: tuple[tuple[str, float], ...] = (
-        ("dynamics", 1.0), ("explanation", 1.5), ("generation", 1.0), ("goal", 0.5))
+        ("dynamics", 0.5), ("explanation", 3.0), ("generation", 1.0), ("goal", 0.5))
     max_trajectory_steps: int = 16
     validation_fraction: float = 0.1
     precision: str = "auto"  # auto | bf16 | fp32
@@ -268,6 +280,11 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     episodes = prepare_episodes(dataset, spec)
+    from accelerate.utils import DistributedType
+
+    if resume and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("resume is not supported under DeepSpeed (its optimizer state is sharded across processes); "
+                         "checkpoints there hold the model weights only")
     checkpoint = latest_checkpoint(out) if resume else None
     if not resume and latest_checkpoint(out) is not None:
         raise ValueError(f"{out} holds checkpoints of an unfinished run: resume it or choose another output directory")
@@ -338,9 +355,11 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
         done = step + 1
         stopping = stop_after is not None and done >= stop_after and done < config.steps
         periodic = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps
-        if accelerator.is_main_process and (periodic or stopping):
-            _save_checkpoint(out, done, accelerator.unwrap_model(objective).model, optimizer, scheduler, config,
-                             split)
+        if periodic or stopping:
+            with _full_weights(accelerator, objective):
+                if accelerator.is_main_process:
+                    _save_checkpoint(out, done, accelerator.unwrap_model(objective).model, optimizer, scheduler,
+                                     config, split)
         accelerator.wait_for_everyone()
         if stopping:
             bar.close()
@@ -353,14 +372,18 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
                      "torch_threads": torch.get_num_threads(), "resumed_from": start_step,
                      "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
                      "final_running_loss": running}
+    # Every process evaluates (identical work): under ZeRO-3 each forward gathers the
+    # sharded weights collectively, so rank 0 cannot run one alone.
+    with _full_weights(accelerator, objective):
+        if accelerator.is_main_process:
+            model.save(out / "model")
+            (out / "grounding_config.json").write_text(json.dumps(config.to_json(), indent=2))
+            (out / "split.json").write_text(json.dumps(split))
+    if val_eps:
+        eval_started = time.time()
+        metrics.update(evaluate_grounding(model, spec, val_eps, config))
+        metrics["eval_seconds"] = round(time.time() - eval_started, 1)
     if accelerator.is_main_process:
-        model.save(out / "model")
-        (out / "grounding_config.json").write_text(json.dumps(config.to_json(), indent=2))
-        (out / "split.json").write_text(json.dumps(split))
-        if val_eps:
-            eval_started = time.time()
-            metrics.update(evaluate_grounding(model, spec, val_eps, config))
-            metrics["eval_seconds"] = round(time.time() - eval_started, 1)
         _write_json_atomic(out / "metrics.json", metrics)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return metrics
@@ -382,6 +405,19 @@ def evaluate_grounding(model: GroundedLM, spec, val_eps, config: GroundingConfig
         metrics.update(generation_success(model, val_sampler, horizon, config.eval_batch_size, config.eval_episodes,
                                           config.seed))
     return metrics
+
+
+def _full_weights(accelerator, module):
+    """A context in which ``module`` holds its whole weights: under DeepSpeed ZeRO-3
+    they are sharded across processes and gathered collectively (every process must
+    enter); otherwise nothing to do."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return nullcontext()
 
 
 def _backbone_reference(backbone: str) -> str:
