@@ -49,15 +49,15 @@ class PipelineConfig:
 
     env: str = "clevr"
     llm: str = "smollm2"
-    collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=800, epsilon=0.1))
+    collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=1600, epsilon=0.1))
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     imagine_levels: tuple[str, ...] = NOVEL_LEVELS
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240, keep_failures=False))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=3000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=5000))
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_episodes: int = 100
     eval_seed: int = 1000
-    llm_policy_episodes: int = 40
+    llm_policy_episodes: int = 25
     showcases: int = 3
 
     def to_json(self) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def _tiny() -> PipelineConfig:
     return PipelineConfig(
         collect=CollectConfig(episodes=40, epsilon=0.1, chunk_size=20),
         grounding=replace(GroundingConfig(), steps=4, checkpoint_every=2, eval_episodes=4, eval_batch_size=4,
-                          warmup_steps=1, max_batch_size=8),
+                          warmup_steps=1, max_batch_size=8, precision="fp32"),
         imagine=ImagineConfig(n=6, keep_failures=True, generation=GenerationConfig(max_steps=4, batch_size=6)),
         train=TrainConfig(algo="bc", steps=40, checkpoint_every=20),
         seeds=(0,),
@@ -150,7 +150,8 @@ def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded,
 
     def build(work: Path):
         result = imagine(_model(grounded, spec, model_cache), spec, imagine_config)
-        save_episodes(result.dataset, work / "imagined.h5")
+        if result.dataset is not None:
+            save_episodes(result.dataset, work / "imagined.h5")
         return result.stats
 
     return cache.run(f"imagine-{level}", _as_dict(imagine_config), build, {"model": grounded.key})
@@ -170,8 +171,8 @@ def _train(cache: StageCache, config: PipelineConfig, method: str, seed: int, re
     def build(work: Path):
         policy = work / "policy"
         resume = (policy / "checkpoint").exists()
-        result = train(real.path / "real.h5", policy, train_config,
-                       imaginary=[s.path / "imagined.h5" for s in imagined], resume=resume)
+        files = [s.path / "imagined.h5" for s in imagined if (s.path / "imagined.h5").exists()]
+        result = train(real.path / "real.h5", policy, train_config, imaginary=files, resume=resume)
         return {"steps": result.steps, "seconds": result.seconds}
 
     inputs = {"real": real.key, **{s.name: s.key for s in imagined}}
@@ -198,6 +199,8 @@ def _showcase(cache: StageCache, spec: EnvSpec, config: PipelineConfig, policy_s
         env = spec.make_env()
         rows = []
         for stage in imagined:
+            if not (stage.path / "imagined.h5").exists():
+                continue
             episodes = load_episodes(stage.path / "imagined.h5", spec).episodes
             succeeded = [e for e in episodes if e.terminated] or list(episodes)
             for episode in succeeded[: max(1, config.showcases // max(len(imagined), 1))]:

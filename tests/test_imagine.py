@@ -150,12 +150,13 @@ def test_imagine_writes_labelled_episodes_with_provenance(tiny_model):
     for episode in result.dataset.episodes:
         assert episode.task["kind"] == "push" and 1 <= episode.length <= 5
     strict = ImagineConfig(level="easy", n=6, keep_failures=False, generation=GenerationConfig(max_steps=5))
-    try:
-        kept = imagine(tiny_model, spec, strict, progress=False).dataset.episodes
-    except ValueError as err:  # an untrained model rarely reaches a goal
-        assert "no imagined rollout was kept" in str(err)
+    result = imagine(tiny_model, spec, strict, progress=False)
+    counts = result.stats["counts"]
+    assert counts["kept"] == counts["succeeded"]
+    if result.dataset is None:  # an untrained model rarely reaches a goal
+        assert counts["kept"] == 0
     else:
-        assert all(e.terminated for e in kept)
+        assert all(e.terminated for e in result.dataset.episodes)
 
 
 def test_llm_policy_fed_imagined_states_repeats_the_generated_actions(tiny_model):

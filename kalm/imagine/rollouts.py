@@ -42,7 +42,9 @@ class ImagineConfig:
 
 @dataclass(frozen=True)
 class ImagineResult:
-    dataset: EpisodeDataset
+    """The kept episodes (``None`` when every rollout was dropped) and the statistics."""
+
+    dataset: EpisodeDataset | None
     stats: dict
 
 
@@ -128,8 +130,6 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         kept = [e for e, v in zip(kept, verdicts) if v is not False]
 
     counts["kept"] = len(kept)
-    if not kept:
-        raise ValueError(f"no imagined rollout was kept for level {config.level!r}: {counts}")
     summary = {"level": config.level, "counts": counts, "success_share": counts["succeeded"] / max(len(generated), 1),
                "hallucination": stats.summary()}
     metadata = {
@@ -138,4 +138,5 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         "config": {k: v for k, v in asdict(config).items()},
         "stats": summary,
     }
-    return ImagineResult(EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata), summary)
+    dataset = EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata) if kept else None
+    return ImagineResult(dataset, summary)
