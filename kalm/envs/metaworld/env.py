@@ -1,0 +1,238 @@
+"""The Meta-World MT10 skills behind one Gymnasium environment.
+
+One :class:`MetaWorldEnv` holds one package environment per skill (built on first
+use; each is its own MuJoCo scene), and ``reset(options={"task": ...})`` picks the
+scene the task needs. Observations are the package's 39-d goal-observable vector (see
+:mod:`kalm.envs.metaworld.tasks`), actions its ``Box(-1, 1, (4,))`` (hand xyz delta and
+gripper effort), ``info["success"]`` its own success flag (for ``then_home`` also the
+hand back home).
+
+Choices:
+
+- Horizon: 150 steps (200 for ``then_home``), not the package's 500. The scripted
+  experts need 45-125 steps (peg insertion the most), KALM used 100, and every step is
+  CPU time in collection and evaluation on a 2-core machine.
+- Goals are observable (``_partially_observable = False``), as in KALM's
+  ``*-goal-observable`` envs; the scripted policies read the goal from the observation.
+- Resets are random and seeded: the package draws object and goal positions from the
+  generator we seed from ``reset(seed=...)`` (``seeded_rand_vec``), so a seed gives the
+  same start. Relocated tasks freeze a ``rand_vec`` we draw, which is how the package's
+  own ``set_task`` fixes goals.
+- An episode ends (terminated) on success, like the other kalm environments.
+- Without a task, ``reset`` picks a random training skill.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    os.environ["MUJOCO_GL"] = "egl"
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+
+try:  # noqa: E402
+    import metaworld  # noqa: F401
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "the Meta-World environment needs the 'metaworld' package: pip install 'kalm[metaworld]'"
+    ) from exc
+
+from kalm.envs.metaworld.render import render_schematic  # noqa: E402
+from kalm.envs.metaworld.tasks import (  # noqa: E402
+    REGIONS,
+    RELOCATABLE,
+    SKILLS,
+    Relocated,
+    Skill,
+    ThenHome,
+    parse_task,
+    skill_of,
+    task_horizon,
+)
+from kalm.envs.spec import Task, TaskSpecError  # noqa: E402
+
+STATE_DIM = 39
+ACTION_DIM = 4
+SKILL_HORIZON = 150
+MAX_EPISODE_STEPS = task_horizon(ThenHome("push"), SKILL_HORIZON)
+CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
+
+
+def package_name(skill: str) -> str:
+    return f"{skill}-v3"
+
+
+def build_package_env(skill: str):
+    """The package's environment for a skill, goal-observable, with seeded random resets
+    (what ``metaworld.env_dict._create_observable_goal_envs`` does, minus the frozen goal)."""
+    if skill not in SKILLS:
+        raise ValueError(f"unknown skill {skill!r} (expected one of {', '.join(SKILLS)})")
+    env = ALL_V3_ENVIRONMENTS[package_name(skill)]()
+    env._partially_observable = False
+    if skill in RELOCATABLE:
+        # The package clips observations to its goal space, so a goal outside the
+        # trained box would be reported at the box's edge: widen the box to the regions.
+        lows = [env.goal_space.low[:2]] + [np.asarray(low) for low, _ in REGIONS.values()]
+        highs = [env.goal_space.high[:2]] + [np.asarray(high) for _, high in REGIONS.values()]
+        low, high = env.goal_space.low.copy(), env.goal_space.high.copy()
+        low[:2], high[:2] = np.min(lows, axis=0), np.max(highs, axis=0)
+        env.goal_space = gym.spaces.Box(low, high, dtype=np.float64)
+    del env.sawyer_observation_space  # cached property: recomputed with the goal bounds
+    env._freeze_rand_vec = False
+    env.seeded_rand_vec = True
+    env._set_task_called = True
+    env.seed(0)
+    return env
+
+
+class MetaWorldEnv(gym.Env):
+    """MT10 skills, relocated goals and skill-then-home sequences (see the module docs)."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, render_mode: str | None = None, render_size: int = 256, camera: str = "corner"):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"unsupported render_mode {render_mode!r}; use 'rgb_array' or None")
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown camera {camera!r} (expected one of {', '.join(CAMERAS)})")
+        self.render_mode = render_mode
+        self.render_size = render_size
+        self.camera = camera
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(STATE_DIM,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(ACTION_DIM,), dtype=np.float32)
+        self._sims: dict[str, Any] = {}
+        self.sim: Any = None
+        self.task: Task | None = None
+        self.start_state = np.zeros(STATE_DIM, dtype=np.float32)
+        self._steps = 0
+        self._horizon = SKILL_HORIZON
+        self._renderers: dict[int, Any] = {}
+        self._gl_failed = False
+        self._last_obs = np.zeros(STATE_DIM, dtype=np.float32)
+
+    def scene(self, skill: str):
+        """The package environment of a skill (built once, then reused)."""
+        if skill not in self._sims:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._sims[skill] = build_package_env(skill)
+        return self._sims[skill]
+
+    # ----------------------------------------------------------------- gymnasium
+    def reset(self, *, seed: int | None = None, options: Mapping[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        task = options.get("task")
+        if isinstance(task, Mapping):
+            task = parse_task(task)
+        elif task is None:
+            task = Skill(SKILLS[int(self.np_random.integers(len(SKILLS)))])
+        elif not isinstance(task, (Skill, Relocated, ThenHome)):
+            raise TaskSpecError(f"options['task'] must be a Meta-World task or its JSON form, got {task!r}")
+        self.task = task
+        self.sim = self.scene(skill_of(task))
+        self.sim.seed(int(self.np_random.integers(2**31)))
+        if isinstance(task, Relocated):
+            self._reset_relocated(task)
+        else:
+            self.sim.reset()
+        obs = self._fresh_observation()
+        self._steps = 0
+        self._horizon = task_horizon(task, SKILL_HORIZON)
+        self.start_state = np.asarray(obs, dtype=np.float32)
+        self._last_obs = self.start_state.copy()
+        return self.start_state.copy(), {"success": bool(task.success(self.start_state, self.start_state))}
+
+    def _fresh_observation(self) -> np.ndarray:
+        """The observation of the simulator as it now is.
+
+        Some package resets move bodies (the window's slide joint, the drawer's
+        cabinet) without recomputing positions, so the observation they return shows
+        the object where it was before the reset and the first step "jumps" it by up to
+        0.2. Recompute the kinematics and rebuild the observation (both frames equal,
+        as the package stacks them at reset).
+        """
+        import mujoco
+
+        sim = self.sim
+        mujoco.mj_forward(sim.model, sim.data)
+        current = sim._get_curr_obs_combined_no_goal()
+        sim._prev_obs = current.copy()
+        return np.hstack((current, current, sim._get_pos_goal()))
+
+    def _reset_relocated(self, task: Relocated) -> None:
+        """Reset with the object where the package puts it and the goal in the task's region,
+        by freezing the package's ``rand_vec`` (object xyz, goal xyz) as ``set_task`` does."""
+        sim = self.sim
+        space = sim._random_reset_space
+        vec = sim.np_random.uniform(space.low, space.high)
+        low, high = (np.asarray(v) for v in REGIONS[task.region])
+        vec[3:5] = sim.np_random.uniform(low, high)
+        sim._last_rand_vec = vec
+        sim._freeze_rand_vec = True
+        try:
+            sim.reset()
+        finally:
+            sim._freeze_rand_vec = False
+
+    def step(self, action):
+        if self.sim is None:
+            raise RuntimeError("call reset() before step()")
+        action = np.asarray(action, dtype=np.float32)
+        if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be {ACTION_DIM} finite numbers, got {action!r}")
+        obs, _, _, _, pkg_info = self.sim.step(np.clip(action, -1.0, 1.0))
+        self._steps += 1
+        state = np.asarray(obs, dtype=np.float32)
+        self._last_obs = state
+        success = bool(pkg_info["success"])
+        if isinstance(self.task, ThenHome):
+            success = success and bool(self.task.success(state, self.start_state))
+        info = {"success": success, "package_success": bool(pkg_info["success"])}
+        truncated = not success and self._steps >= self._horizon
+        return state, (1.0 if success else 0.0), success, truncated, info
+
+    # ----------------------------------------------------------------- rendering
+    def render(self) -> np.ndarray | None:
+        """An RGB frame of the current scene from ``camera`` (MuJoCo offscreen, EGL).
+
+        Drawn with ``mujoco.Renderer`` on the package's model. The ``corner*`` cameras
+        of the package's scene come out vertically flipped (so do the package's own
+        ``rgb_array`` frames); they are flipped back here. Without an OpenGL platform
+        (MuJoCo picks it when first imported: set ``MUJOCO_GL=egl`` before importing
+        metaworld on a headless machine) the frame is the schematic of
+        :func:`~kalm.envs.metaworld.render.render_schematic`, with a warning once.
+        """
+        if self.render_mode != "rgb_array" or self.sim is None:
+            return None
+        if self._gl_failed:
+            return render_schematic(self._last_obs, self.render_size)
+        import mujoco
+
+        key = id(self.sim)
+        try:
+            if key not in self._renderers:
+                self._renderers[key] = mujoco.Renderer(self.sim.model, self.render_size, self.render_size)
+        except Exception as exc:  # no OpenGL platform in this process
+            warnings.warn(f"MuJoCo offscreen rendering unavailable ({exc}); drawing schematic frames", stacklevel=2)
+            self._gl_failed = True
+            return render_schematic(self._last_obs, self.render_size)
+        renderer = self._renderers[key]
+        renderer.update_scene(self.sim.data, camera=self.camera)
+        frame = renderer.render()
+        return (frame[::-1] if self.camera.startswith("corner") else frame).copy()
+
+    def close(self) -> None:
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers = {}
+        for sim in self._sims.values():
+            sim.close()
+        self._sims = {}
+        self.sim = None

@@ -1,0 +1,300 @@
+"""Meta-World through the EnvSpec: env, tasks, language, expert, plausibility, collection.
+
+Skipped without the optional ``metaworld`` package (``pip install 'kalm[metaworld]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+# MuJoCo chooses its OpenGL platform when first imported, and metaworld imports it.
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    os.environ["MUJOCO_GL"] = "egl"
+pytest.importorskip("metaworld")
+
+from kalm.data.collect import CollectConfig, collect_to_file  # noqa: E402
+from kalm.data.episodes import load_episodes  # noqa: E402
+from kalm.envs import get_spec  # noqa: E402
+from kalm.envs.metaworld import language  # noqa: E402
+from kalm.envs.metaworld.env import MetaWorldEnv  # noqa: E402
+from kalm.envs.metaworld.plausibility import transition_violations  # noqa: E402
+from kalm.envs.metaworld.tasks import (  # noqa: E402
+    PEG_HEAD_OFFSET,
+    SKILLS,
+    Relocated,
+    Skill,
+    ThenHome,
+    easy_tasks,
+    hard_tasks,
+    in_region,
+    parse_task,
+    skill_distance,
+    training_tasks,
+)
+from kalm.envs.spec import TaskSpecError  # noqa: E402
+
+# Predicates computed exactly as the package does, from the same observation.
+EXACT = tuple(s for s in SKILLS if s not in ("reach", "peg-insert-side"))
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return get_spec("metaworld")
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = MetaWorldEnv()
+    yield env
+    env.close()
+
+
+def rollout(env, spec, task, seed, epsilon=0.0, noise_std=0.0):
+    """Run the expert; return states, actions and the package's success flags."""
+    expert = spec.make_expert(env, epsilon=epsilon, seed=seed)
+    if noise_std:
+        expert.noise_std = noise_std
+    obs, _ = env.reset(seed=seed, options={"task": task})
+    start = obs.copy()
+    states, actions, flags = [obs], [], []
+    for _ in range(spec.horizon(task)):
+        action = expert(obs, task, start)
+        obs, _, terminated, truncated, info = env.step(action)
+        states.append(obs)
+        actions.append(action)
+        flags.append(info["success"])
+        if terminated or truncated:
+            break
+    return np.array(states), np.array(actions), flags
+
+
+def test_spec_describes_continuous_actions(spec):
+    assert spec.name == "metaworld" and spec.gym_id == "kalm/MetaWorld-v0"
+    assert not spec.discrete and spec.action_dim == 4 and spec.state_dim == 39
+    assert spec.state_low.shape == spec.state_high.shape == (39,)
+    assert np.all(spec.state_low <= spec.state_high)
+    assert set(spec.levels) == {"seen", "rephrase", "easy", "hard"}
+    assert set(spec.rewards) >= {"sparse", "shaped"}
+    assert spec.horizon(Skill("push")) == 150 and spec.horizon(ThenHome("push")) == 200 == spec.max_episode_steps
+
+
+def test_gymnasium_env_checker_passes():
+    from gymnasium.utils.env_checker import check_env
+
+    env = MetaWorldEnv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_env(env, skip_render_check=True)
+    env.close()
+
+
+def test_seeds_reproduce_starts_and_steps(env):
+    def run(seed):
+        obs, _ = env.reset(seed=seed, options={"task": {"kind": "skill", "name": "pick-place"}})
+        out = [obs]
+        for a in np.linspace(-1, 1, 20 * 4).reshape(20, 4):
+            out.append(env.step(a.astype(np.float32))[0])
+        return np.array(out)
+
+    assert np.array_equal(run(7), run(7))
+    assert not np.array_equal(run(7)[0], run(8)[0])
+
+
+def test_reset_observation_is_the_simulator_state(env):
+    """Package resets move the window / drawer without recomputing positions; our reset
+    reports where they really are, so the first step does not jump."""
+    for name in ("window-open", "window-close", "drawer-open", "drawer-close"):
+        obs, _ = env.reset(seed=3, options={"task": Skill(name)})
+        nxt, *_ = env.step(np.zeros(4, dtype=np.float32))
+        assert np.linalg.norm(nxt[4:7] - obs[4:7]) < 0.01, name
+        assert np.array_equal(obs[18:36], obs[0:18])
+
+
+@pytest.mark.parametrize("name", SKILLS)
+def test_expert_solves_each_skill_and_predicate_matches_package(env, spec, name):
+    task = Skill(name)
+    states, actions, flags = rollout(env, spec, task, seed=1)
+    assert flags[-1], f"expert failed {name}"
+    assert not task.success(states[0], states[0])
+    if name in EXACT:
+        assert task.success(states[-1], states[0])
+    else:  # approximated from the state: within 1 cm of the package's verdict
+        distance, threshold = skill_distance(name, states[-1])
+        assert distance <= threshold + 0.01
+    ours = [task.success(s, states[0]) for s in states[1:]]
+    agreement = np.mean(np.array(ours) == np.array(flags))
+    assert agreement == 1.0 if name in EXACT else agreement >= 0.9
+    assert actions.dtype == np.float32 and np.all(np.abs(actions) <= 1.0)
+
+
+@pytest.mark.parametrize("task", [easy_tasks()[0], easy_tasks()[4], hard_tasks()[0], hard_tasks()[-1]],
+                         ids=lambda t: json.dumps(t.to_json()))
+def test_expert_solves_novel_tasks(env, spec, task):
+    states, _, flags = rollout(env, spec, task, seed=2)
+    assert flags[-1] and task.success(states[-1], states[0])
+
+
+def test_relocated_goal_lies_in_its_region_and_is_observed(env):
+    for task in easy_tasks():
+        obs, _ = env.reset(seed=5, options={"task": task})
+        nxt, *_ = env.step(np.zeros(4, dtype=np.float32))  # the package clips observations
+        assert np.allclose(nxt[36:39], env.sim._target_pos, atol=1e-6), task
+        assert in_region(task.region, nxt[36:39]), task
+        assert not task.success(nxt, obs)
+
+
+def hand_made(hand=(0, 0.6, 0.2), grip=1.0, obj=(0, 0.7, 0.02), quat=(0, 0, 0, 1), goal=(0, 0.85, 0.02)):
+    frame = np.concatenate([hand, [grip], obj, quat, np.zeros(7)])
+    return np.concatenate([frame, frame, goal]).astype(np.float32)
+
+
+def test_predicates_on_hand_made_states():
+    at_goal = hand_made(obj=(0, 0.85, 0.02))
+    assert Skill("push").success(at_goal) and not Skill("push").success(hand_made(obj=(0, 0.79, 0.02)))
+    assert Skill("pick-place").success(hand_made(obj=(0, 0.79, 0.02)))  # 0.07 threshold
+    assert Skill("reach").success(hand_made(hand=(0, 0.85, 0.065)))  # fingertips 4.5 cm below the hand
+    assert not Skill("reach").success(hand_made(hand=(0, 0.85, 0.15)))
+    assert Skill("door-open").success(hand_made(obj=(-0.2, 0.45, 0.15), goal=(-0.25, 0.45, 0.15)))
+    assert not Skill("door-open").success(hand_made(obj=(0.0, 0.7, 0.15), goal=(-0.25, 0.45, 0.15)))
+    assert Skill("window-open").success(hand_made(obj=(0.1, 0.8, 0.2), goal=(0.12, 0.8, 0.2)))
+    assert not Skill("window-close").success(hand_made(obj=(0.1, 0.8, 0.2), goal=(0.2, 0.8, 0.2)))
+    assert Skill("button-press-topdown").success(hand_made(obj=(0, 0.8, 0.11), goal=(0, 0.8, 0.1)))
+    assert not Skill("button-press-topdown").success(hand_made(obj=(0, 0.8, 0.13), goal=(0, 0.8, 0.1)))
+    # Peg head = grasp point + rotated offset: with the identity rotation, head = obj + (-0.13, 0, -0.01).
+    goal = np.array([-0.3, 0.6, 0.13])
+    assert Skill("peg-insert-side").success(hand_made(obj=goal - PEG_HEAD_OFFSET, goal=goal))
+    assert not Skill("peg-insert-side").success(hand_made(obj=goal, goal=goal))
+    start = hand_made()
+    home_and_done = hand_made(hand=(0.01, 0.6, 0.2), obj=(0, 0.85, 0.02))
+    assert ThenHome("push").success(home_and_done, start)
+    assert not ThenHome("push").success(hand_made(hand=(0, 0.85, 0.05), obj=(0, 0.85, 0.02)), start)
+    assert not ThenHome("push").success(start, start)
+    left_goal = hand_made(obj=(-0.3, 0.65, 0.02), goal=(-0.3, 0.65, 0.02))
+    assert Relocated("push", "left").success(left_goal) and not Relocated("push", "right").success(left_goal)
+    for task in training_tasks() + easy_tasks() + hard_tasks():
+        assert task.cost(start, start) >= 0.0
+        assert (task.cost(start, start) == 0.0) == task.success(start, start)
+        d, threshold = skill_distance(task.skill if hasattr(task, "skill") else task.name, start)
+        assert d >= 0 and threshold > 0
+
+
+def test_task_json_round_trip_and_refusals(spec):
+    for level in spec.levels.values():
+        for instruction in level(0):
+            data = json.loads(json.dumps(instruction.task.to_json()))
+            assert spec.parse_task(data) == instruction.task
+    bad = [
+        ({"name": "push"}, "'kind'"),
+        ({"kind": "skil", "name": "push"}, "task.kind"),
+        ({"kind": "skill"}, "'name'"),
+        ({"kind": "skill", "name": "fly"}, "task.name"),
+        ({"kind": "skill", "name": 3}, "task.name"),
+        ({"kind": "relocated", "skill": "door-open", "region": "left"}, "task.skill"),
+        ({"kind": "relocated", "skill": "push", "region": "up"}, "task.region"),
+        ({"kind": "then_home", "skill": "reach"}, "task.skill"),
+        ({"kind": "skill", "name": "push", "colour": "red"}, "'colour'"),
+        (["push"], "expected an object"),
+    ]
+    for data, field in bad:
+        with pytest.raises(TaskSpecError, match=field.replace("(", r"\(")):
+            parse_task(data)
+    with pytest.raises(TaskSpecError):
+        MetaWorldEnv().reset(options={"task": "push"})
+
+
+def test_language_levels_parse_back_and_rephrasings_are_held_out(spec):
+    for level in ("seen", "easy", "hard"):
+        for instruction in spec.levels[level](0):
+            assert spec.parse_instruction(instruction.text) == instruction.task, instruction.text
+    seen = {i.text.lower() for i in spec.levels["seen"](0)}
+    rephrase = spec.levels["rephrase"](0)
+    assert len(rephrase) == 4 * len(SKILLS) and not seen & {i.text.lower() for i in rephrase}
+    frames = {f.format(X="", x="").strip().lower() for f in language.TRAINING_FRAMES} - {""}
+    assert not any(i.text.lower().startswith(tuple(frames)) for i in rephrase)
+    assert spec.parse_instruction("Make me a sandwich") is None
+    assert spec.parse_instruction("Open and close the drawer") is None
+    rng = np.random.default_rng(0)
+    assert spec.parse_instruction(spec.training_instruction(Skill("door-open"), rng)) == Skill("door-open")
+    train, val = spec.grounding_phrasings(Skill("push"))
+    assert train and val and not set(train) & set(val)
+    with pytest.raises(ValueError):
+        spec.training_instruction(ThenHome("push"), rng)
+
+
+def test_real_transitions_pass_every_plausibility_check(env, spec):
+    failures = []
+    for i, task in enumerate(training_tasks() + hard_tasks()[:2]):
+        for epsilon, noise in ((0.1, 0.0), (0.3, 0.1)):
+            states, actions, _ = rollout(env, spec, task, seed=10 + i, epsilon=epsilon, noise_std=noise)
+            for s, a, n in zip(states[:-1], actions, states[1:]):
+                failures += [k for k, bad in spec.check_transition(s, a, n).items() if bad]
+            assert all(np.all(s >= spec.state_low - 0.02) and np.all(s <= spec.state_high + 0.02) for s in states)
+    assert failures == []
+
+
+def test_plausibility_catches_hallucinations():
+    s = hand_made()
+    n = s.copy()
+    n[18:36] = s[0:18]
+    assert not any(transition_violations(s, np.zeros(4), n).values())
+
+    def fails(edit):
+        m = n.copy()
+        edit(m)
+        return {k for k, bad in transition_violations(s, np.zeros(4), m).items() if bad}
+
+    assert fails(lambda m: m.__setitem__(2, 0.9)) >= {"off_workbench", "too_far"}
+    assert fails(lambda m: m.__setitem__(5, 1.4)) >= {"off_workbench"}
+    assert fails(lambda m: m.__setitem__(0, 0.04)) == {"too_far"}
+    assert fails(lambda m: m.__setitem__(4, 0.08)) == {"too_far"}
+    assert fails(lambda m: m.__setitem__(3, 1.3)) == {"bad_gripper"}
+    assert fails(lambda m: m.__setitem__(3, 0.7)) == {"bad_gripper"}
+    assert fails(lambda m: m.__setitem__(slice(7, 11), [0.5, 0.5, 0.0, 0.0])) == {"bad_pose"}
+    assert fails(lambda m: m.__setitem__(12, 0.3)) == {"second_object"}
+    assert fails(lambda m: m.__setitem__(20, 0.3)) == {"frame_mismatch"}
+    assert fails(lambda m: m.__setitem__(37, 0.5)) == {"goal_moved"}
+    assert fails(lambda m: m.__setitem__(1, np.nan)) == {"non_finite"}
+
+
+def test_rewards(spec):
+    start = hand_made()
+    done = hand_made(obj=(0, 0.85, 0.02))
+    assert spec.rewards["sparse"](Skill("push"), start, done, start) == 1.0
+    assert spec.rewards["sparse"](Skill("push"), start, start, start) == 0.0
+    assert spec.rewards["shaped"](Skill("push"), start, done, start) == 10.0
+    closer = hand_made(obj=(0, 0.75, 0.02))
+    assert spec.rewards["shaped"](Skill("push"), start, closer, start) > 0
+    assert spec.rewards["shaped"](Skill("push"), closer, start, start) < 0
+
+
+def test_render_state_and_env_frames(spec):
+    image = spec.render_state(hand_made(), 128, "push")
+    assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+    assert spec.render_state(np.full(39, np.nan), 64, None).shape == (64, 64, 3)
+    env = MetaWorldEnv(render_mode="rgb_array", render_size=64)
+    env.reset(seed=0, options={"task": Skill("reach")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no OpenGL here: the schematic is drawn instead
+        frame = env.render()
+    env.close()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8 and frame.std() > 0
+
+
+def test_collector_writes_a_valid_metaworld_file(spec, tmp_path):
+    out = tmp_path / "mw.h5"
+    collect_to_file(spec, CollectConfig(episodes=20, seed=0, epsilon=0.1, chunk_size=10), out, progress=False)
+    data = load_episodes(out, spec)
+    assert len(data) == 20 and data.metadata["env"] == "metaworld"
+    assert {json.dumps(e.task, sort_keys=True) for e in data.episodes} == {
+        json.dumps(t.to_json(), sort_keys=True) for t in training_tasks()
+    }
+    for e in data.episodes:
+        assert e.observations.shape[1] == 39 and e.actions.shape == (e.length, 4)
+        assert e.actions.dtype.kind == "f" and np.all(np.abs(e.actions) <= 1.0)
+        assert spec.parse_instruction(e.instruction) == spec.parse_task(e.task)
+    assert data.success_rate >= 0.8
