@@ -28,7 +28,9 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def _fail(exc: Exception) -> None:
     if _DEBUG:
         raise exc
-    typer.echo(f"error: {exc}", err=True)
+    # One line, whatever the library put in the message (torch and h5py write several).
+    message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 

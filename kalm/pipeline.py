@@ -91,10 +91,14 @@ def load_config(name_or_path: str) -> PipelineConfig:
     if not path.is_file():
         raise ValueError(f"unknown config {name_or_path!r}: not a preset ({', '.join(PRESETS)}) and no such file")
     try:
-        overrides = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a JSON config ({exc})") from exc
+        overrides = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a JSON config ({exc})") from None
     return _apply(PipelineConfig(), overrides, str(path))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _apply(base, overrides: Mapping[str, Any], where: str):
@@ -109,7 +113,13 @@ def _apply(base, overrides: Mapping[str, Any], where: str):
         if dataclasses.is_dataclass(current):
             values[key] = _apply(current, value, f"{where}.{key}")
         elif isinstance(current, tuple):
+            if not isinstance(value, list):
+                raise ValueError(f"{where}.{key}: expected a JSON array, got {type(value).__name__}")
             values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif current is not None and value is not None and type(value) is not type(current) and not (
+                isinstance(current, float) and type(value) is int):
+            raise ValueError(f"{where}.{key}: expected {type(current).__name__}, got {type(value).__name__} "
+                             f"({json.dumps(value)[:60]})")
         else:
             values[key] = value
     try:
@@ -161,7 +171,13 @@ def _model(grounded, spec: EnvSpec, model_cache: dict):
     if "model" not in model_cache:
         from kalm.grounding.model import GroundedLM
 
-        model_cache["model"] = GroundedLM.load(grounded.path / "model", spec)
+        try:
+            model_cache["model"] = GroundedLM.load(grounded.path / "model", spec)
+        except (ValueError, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and json raise their own classes
+            raise ValueError(f"{grounded.path / 'model'}: damaged grounding checkpoint "
+                             f"({type(exc).__name__}: {exc}); delete the stage directory to rebuild it") from None
     return model_cache["model"]
 
 
@@ -170,7 +186,7 @@ def _train(cache: StageCache, config: PipelineConfig, method: str, seed: int, re
 
     def build(work: Path):
         policy = work / "policy"
-        resume = (policy / "checkpoint").exists()
+        resume = policy.is_dir() and any(policy.iterdir())  # a kill can come before the first checkpoint
         files = [s.path / "imagined.h5" for s in imagined if (s.path / "imagined.h5").exists()]
         result = train(real.path / "real.h5", policy, train_config, imaginary=files, resume=resume)
         return {"steps": result.steps, "seconds": result.seconds}
@@ -240,9 +256,64 @@ def _level_results(result_files: list[Path]) -> dict[str, LevelResult]:
     return out
 
 
+def check_config(config: PipelineConfig) -> EnvSpec:
+    """Refuse a config that would fail in a later stage before any work starts (and
+    before anything is written), naming the field; returns the env's spec."""
+    try:
+        spec = get_spec(config.env)
+    except ValueError as exc:
+        raise ValueError(f"config field 'env': {exc}") from None
+    try:
+        config.collect.check(spec)
+    except (TypeError, ValueError) as exc:  # TypeError: a mistyped value compared with a number
+        raise ValueError(f"config field 'collect': {exc}") from None
+    unknown = [level for level in config.imagine_levels if level not in spec.levels]
+    if unknown:
+        raise ValueError(f"config field 'imagine_levels': unknown level {unknown[0]!r} "
+                         f"(levels: {', '.join(spec.levels)})")
+    if not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in config.seeds):
+        raise ValueError(f"config field 'seeds': expected non-negative integers, got {list(config.seeds)}")
+    for name in ("eval_episodes", "llm_policy_episodes", "showcases"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < (0 if name == "showcases" else 1):
+            raise ValueError(f"config field {name!r}: expected a positive integer, got {value!r}")
+    _check_llm(config.llm)
+    return spec
+
+
+def _check_llm(llm: str) -> None:
+    """A backbone path must be a causal-LM directory: checked from its config.json
+    alone (no weights loaded, no code run) so a wrong ``--llm`` fails in seconds, not
+    after data collection."""
+    from kalm.grounding.backbone import EMBEDDED_MODELS, BackboneError, resolve_backbone
+
+    if not isinstance(llm, str) or not llm:
+        raise ValueError(f"config field 'llm': expected a model directory or name, got {llm!r}")
+    if llm in EMBEDDED_MODELS:
+        return
+    directory = resolve_backbone(llm)
+    try:
+        meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BackboneError(f"{directory / 'config.json'}: not a readable model config ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BackboneError(f"{directory / 'config.json'}: not a model config (a JSON {type(meta).__name__})")
+    architectures = meta.get("architectures") or []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if architectures:
+        causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        causal = meta.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not causal:
+        raise BackboneError(f"{directory} holds a {meta.get('model_type')!r} model "
+                            f"({', '.join(map(str, architectures)) or 'no architecture'}), which is not a causal "
+                            "language model")
+
+
 def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
     """Run (or resume) the experiment in ``out`` and return the report's path."""
-    spec = get_spec(config.env)
+    spec = check_config(config)
     out = Path(out)
     with RunLock(out):
         (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))

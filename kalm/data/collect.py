@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, save_episodes
+from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, make_dirs, save_episodes
 from kalm.envs.spec import EnvSpec
 
 
@@ -167,7 +167,8 @@ def _start_or_resume(spec: EnvSpec, config: CollectConfig, directory: Path) -> N
                 "delete it or use the same settings to resume"
             )
         return
-    directory.mkdir(parents=True)
+    make_dirs(directory.parent)
+    directory.mkdir()
     tmp = config_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(wanted, sort_keys=True))
     tmp.replace(config_file)

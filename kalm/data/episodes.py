@@ -186,6 +186,48 @@ class EpisodeDataset:
 
 
 # ----------------------------------------------------------------------------- writing
+def make_dirs(directory: str | Path) -> Path:
+    """``mkdir -p`` that names the culprit when a file stands where a directory must go
+    (``mkdir`` itself reports a bare "File exists" for it)."""
+    directory = Path(directory)
+    for ancestor in (directory, *directory.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"cannot create {directory}: {ancestor} is a file, not a directory")
+            break
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A unique hidden name next to ``path`` that records the writer's pid, so a later
+    writer can tell a dead writer's leftover from a live one's work in progress."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of ``path`` left by writers that were killed (their pid
+    is gone); they were never renamed into place, so nothing read them."""
+    prefix = f".{path.name}."
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return
+    for candidate in candidates:
+        parts = candidate.name[len(prefix):].split(".")
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            candidate.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def save_episodes(dataset: EpisodeDataset, path: str | os.PathLike) -> Path:
     """Write ``dataset`` to ``path`` atomically and return the path.
 
@@ -196,9 +238,10 @@ def save_episodes(dataset: EpisodeDataset, path: str | os.PathLike) -> Path:
     if not isinstance(dataset, EpisodeDataset):
         raise DatasetError(f"save_episodes: expected an EpisodeDataset, got {type(dataset).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
+    remove_stale_temporaries(path)
     # A unique sibling name (not mkstemp, whose 0600 mode would stick to the result).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temporary_sibling(path)
     try:
         _write_hdf5(dataset, tmp)
         with open(tmp, "rb+") as handle:

@@ -42,7 +42,10 @@ def create_algo(config_path: str | Path) -> d3rlpy.base.LearnableBase:
         shaped = d3rlpy.base.LearnableConfigWithShape.deserialize(path.read_text(encoding="utf-8"))
     except Exception as exc:  # d3rlpy/dataclasses_json raise assorted errors
         raise ValueError(f"{path} is not a d3rlpy algorithm config: {exc}") from None
-    return shaped.create(device=CPU)
+    try:
+        return shaped.create(device=CPU)
+    except Exception as exc:  # shapes or parameters d3rlpy cannot build networks from
+        raise ValueError(f"{path}: cannot build the algorithm it describes ({type(exc).__name__}: {exc})") from None
 
 
 def save_weights(algo: d3rlpy.base.LearnableBase, path: str | Path) -> Path:
@@ -64,9 +67,18 @@ def load_weights(algo: d3rlpy.base.LearnableBase, path: str | Path) -> None:
         states = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
         raise ValueError(f"{path} is not a weights-only model file: {exc}") from None
+    if not isinstance(states, dict):
+        raise ValueError(f"{path} is not a dict of module states (got {type(states).__name__})")
     modules = impl.modules.create_checkpointer(CPU).modules
     missing = sorted(set(modules) - set(states))
     if missing:
         raise ValueError(f"{path} lacks the state of {missing[0]!r} (it belongs to another algorithm)")
     for name, module in modules.items():
-        module.load_state_dict(states[name])
+        try:
+            module.load_state_dict(states[name])
+        except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+            # Size mismatches: weights of another environment (state or action size).
+            first = str(exc).strip().splitlines()
+            detail = "; ".join(line.strip() for line in first[1:3]) or (first[0] if first else "")
+            raise ValueError(f"{path}: the state of {name!r} does not fit the network in algo.json "
+                             f"(another environment or algorithm?): {detail}") from None

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from kalm.data.episodes import make_dirs, remove_stale_temporaries, temporary_sibling
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write`` on a temporary file next to ``path``, then rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    remove_stale_temporaries(path)
+    tmp = temporary_sibling(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

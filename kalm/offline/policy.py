@@ -20,14 +20,31 @@ class LanguagePolicy:
         if not self.policy_dir.is_dir():
             raise FileNotFoundError(f"policy directory not found: {self.policy_dir}")
         self.config = read_json(self.policy_dir / CONFIG_FILE, "policy config")
-        steps_asked = self.config.get("train", {}).get("steps")
+        _check_policy_config(self.config, self.policy_dir / CONFIG_FILE)
+        steps_asked = self.config["train"]["steps"]
         if not (self.policy_dir / MODEL_FILE).is_file() or self.config.get("completed_steps") != steps_asked:
             raise ValueError(
                 f"{self.policy_dir} holds an unfinished run ({self.config.get('completed_steps')} of {steps_asked} "
                 "steps); finish it with `kalm train ... --resume`"
             )
         self.env = str(self.config["env"])
+        from kalm.envs import get_spec
+
+        spec = get_spec(self.env)
+        if (spec.state_dim, spec.action_dim) != (self.config["state_dim"], self.config["action_size"]):
+            raise ValueError(
+                f"{self.policy_dir / CONFIG_FILE}: the policy takes {self.config['state_dim']}-d states and "
+                f"{self.config['action_size']} actions, env {self.env!r} has {spec.state_dim} and {spec.action_dim}"
+            )
         self.algo = create_algo(self.policy_dir / ALGO_FILE)
+        impl = self.algo.impl
+        if impl is not None:
+            shape = tuple(int(d) for d in impl.observation_shape)
+            if shape != (int(self.config["observation_dim"]),) or int(impl.action_size) != int(self.config["action_size"]):
+                raise ValueError(
+                    f"{self.policy_dir / ALGO_FILE}: network for observations {shape} and {impl.action_size} actions, "
+                    f"but {CONFIG_FILE} says ({self.config['observation_dim']},) and {self.config['action_size']}"
+                )
         load_weights(self.algo, self.policy_dir / MODEL_FILE)
         self.encoder: CachedEncoder = shared_encoder(self.config["encoder"], embedding_cache)
         expected = int(self.config["observation_dim"])
@@ -45,3 +62,20 @@ class LanguagePolicy:
         x = np.concatenate([np.asarray(state, dtype=np.float32), embedding])[None]
         action = self.algo.predict(x)[0]
         return int(action) if np.ndim(action) == 0 else np.asarray(action, dtype=np.float32)
+
+
+_REQUIRED = {"train": dict, "env": str, "encoder": str, "observation_dim": int, "state_dim": int, "action_size": int,
+             "completed_steps": int}
+
+
+def _check_policy_config(config, path: Path) -> None:
+    """Refuse a policy config.json that lacks a field the policy needs, naming it."""
+    if not isinstance(config, dict):
+        raise ValueError(f"policy config {path}: expected a JSON object, got {type(config).__name__}")
+    for name, kind in _REQUIRED.items():
+        value = config.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"policy config {path}: field {name!r} is missing or not a {kind.__name__} ({value!r})")
+    steps, algo = config["train"].get("steps"), config["train"].get("algo")
+    if not isinstance(steps, int) or not isinstance(algo, str):
+        raise ValueError(f"policy config {path}: field 'train' lacks its 'steps' or 'algo'")

@@ -6,7 +6,8 @@ A training run writes one *policy directory*::
     algo.json        the d3rlpy algorithm config (JSON, d3rlpy's own serialisation)
     model.pt         final network (+ optimiser) state dicts, loaded weights-only
     curve.csv        the training losses at every step
-    checkpoint/      the latest checkpoint: model.pt and state.json (step, RNG states)
+    checkpoint/      the latest checkpoint: model-<step>.pt and state.json (step, RNG states,
+                     the name of its weights file; written last)
 
 The loop is ours rather than d3rlpy's ``fit`` so that batches can mix real and
 imaginary data in a fixed ratio (:mod:`kalm.offline.buffers`), checkpoints hold the
@@ -45,7 +46,7 @@ from kalm.offline.buffers import (
 from kalm.offline.checkpoint import CPU, load_weights, save_algo_config, save_weights
 from kalm.offline.config import TrainConfig
 from kalm.offline.encoder import shared_encoder
-from kalm.offline.files import read_json, write_json_atomic, write_text_atomic
+from kalm.offline.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 
 CONFIG_FILE = "config.json"
 ALGO_FILE = "algo.json"
@@ -183,9 +184,13 @@ def train(
     step, seconds = 0, 0.0
     if state is not None:
         step, seconds = int(state["step"]), float(state["seconds"])
-        load_weights(algo, out / CHECKPOINT_DIR / MODEL_FILE)
-        rng.bit_generator.state = state["numpy_rng"]
-        _torch_rng_from_json(state["torch_rng"])
+        load_weights(algo, out / CHECKPOINT_DIR / _checkpoint_model(state))
+        try:
+            rng.bit_generator.state = state["numpy_rng"]
+            _torch_rng_from_json(state["torch_rng"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint state {out / CHECKPOINT_DIR / STATE_FILE}: unusable RNG state "
+                             f"({type(exc).__name__}: {exc})") from None
         algo.set_grad_step(step)
         if (out / CURVE_FILE).exists():
             curve = [row for row in read_curve(out / CURVE_FILE) if row["step"] <= step]
@@ -235,26 +240,41 @@ def _save_checkpoint(
 ) -> None:
     """Curve and weights first, the state file last: the state file names the step the
     other two belong to, so a kill in between leaves the previous consistent state."""
+    # The weights go to a file named by the step, so a kill after they are written but
+    # before the state file is replaced leaves the previous state next to its own
+    # weights (one shared model.pt would then hold a later step than the state says).
+    model_name = f"model-{step:09d}.pt"
     _write_curve(out / CURVE_FILE, curve)
-    save_weights(algo, out / CHECKPOINT_DIR / MODEL_FILE)
+    save_weights(algo, out / CHECKPOINT_DIR / model_name)
     write_json_atomic(
         out / CHECKPOINT_DIR / STATE_FILE,
-        {"step": step, "seconds": round(seconds, 3), "numpy_rng": _rng_to_json(rng), "torch_rng": _torch_rng_to_json()},
+        {"step": step, "seconds": round(seconds, 3), "numpy_rng": _rng_to_json(rng), "torch_rng": _torch_rng_to_json(),
+         "model": model_name},
     )
+    for old in (out / CHECKPOINT_DIR).glob("model*.pt"):
+        if old.name != model_name:
+            old.unlink(missing_ok=True)
 
 
 def _prepare_out_dir(out: Path, description: dict, resume: bool) -> dict | None:
     """Refuse to overwrite a run; on resume, check it is the same run and return its
     checkpoint state (``None`` when it never reached a checkpoint)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a policy directory")
     existing = out.exists() and any(out.iterdir())
     if not resume:
         if existing:
             raise FileExistsError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         return None
     if not existing:
         raise FileNotFoundError(f"nothing to resume in {out}")
+    if not (out / CONFIG_FILE).exists() and not (out / CHECKPOINT_DIR).exists():
+        # Killed before the run described itself: nothing was trained, start afresh.
+        return None
     stored = read_json(out / CONFIG_FILE, "training config")
+    if not isinstance(stored, dict):
+        raise ValueError(f"training config {out / CONFIG_FILE} is not a JSON object")
     for key in ("train", "env", "data", "imaginary"):
         if stored.get(key) != description[key]:
             raise ValueError(
@@ -264,6 +284,33 @@ def _prepare_out_dir(out: Path, description: dict, resume: bool) -> dict | None:
     if not state_path.exists():
         return None
     state = read_json(state_path, "checkpoint state")
-    if state.get("step", 0) > description["train"]["steps"]:
+    problem = _state_problem(state)
+    if problem:
+        raise ValueError(f"checkpoint state {state_path}: {problem}")
+    if state["step"] > description["train"]["steps"]:
         raise ValueError(f"cannot resume {out}: its checkpoint is at step {state['step']}, past the {description['train']['steps']} steps asked for")
     return state
+
+
+def _state_problem(state: Any) -> str | None:
+    """What is wrong with a checkpoint's state.json, or ``None``."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"field 'step' must be a non-negative integer, got {step!r}"
+    if not isinstance(state.get("seconds", 0.0), (int, float)):
+        return f"field 'seconds' must be a number, got {state.get('seconds')!r}"
+    if not isinstance(state.get("numpy_rng"), dict):
+        return "field 'numpy_rng' is missing or not an object"
+    if not isinstance(state.get("torch_rng"), str):
+        return "field 'torch_rng' is missing or not a string"
+    model = state.get("model", MODEL_FILE)
+    if not isinstance(model, str) or "/" in model or "\\" in model or not model.endswith(".pt"):
+        return f"field 'model' must name a .pt file in the checkpoint directory, got {model!r}"
+    return None
+
+
+def _checkpoint_model(state: dict) -> str:
+    """The weights file a checkpoint state belongs to (older runs: ``model.pt``)."""
+    return state.get("model", MODEL_FILE)
