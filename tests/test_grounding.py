@@ -246,3 +246,33 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_backbone, tmp_path):
         assert whole.keys() == split.keys()
         for key in whole:
             torch.testing.assert_close(whole[key], split[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
+
+
+def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkeypatch):
+    """The exact task, another relation the push made true, and one already true at
+    the start: only the first is accurate, the first two are achieved."""
+    import kalm.grounding.evaluate as evaluate
+    from kalm.envs import get_spec
+    from kalm.envs.clevr.tasks import Relation
+    from kalm.grounding.data import ExampleSampler, GroundingEpisode
+
+    def state(red):
+        return np.array([*red, 0.3, 0.0, 0.5, -0.2, 0.0, 0.6, 0.0, 0.3], np.float32)  # purple behind cyan
+
+    obs = np.stack([state((-0.5, 0.5)), state((0.0, 0.0))])  # red ends left of blue
+    task = Relation("red", "blue", "left")
+    episode = GroundingEpisode(obs, np.array([3]), True, task, task.to_json(), True, ("x",), ("x",))
+    texts = ["Push the red ball to the left of the blue ball", "Push the blue ball to the right of the red ball",
+             "Push the purple ball behind the cyan ball", "no instruction at all"]
+    monkeypatch.setattr(evaluate, "greedy_text", lambda model, prompts, n: [texts.pop(0) for _ in prompts])
+
+    class Prompts:
+        def explanation(self, observations, actions, instruction):
+            return None
+
+    class Model:
+        prompts = Prompts()
+
+    sampler = ExampleSampler(None, [episode] * 4, 16)
+    result = evaluate.explanation_accuracy(Model(), get_spec("clevr"), sampler, batch_size=4)
+    assert result["explanation_accuracy"] == 0.25 and result["explanation_achieved"] == 0.5
