@@ -276,3 +276,17 @@ def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkey
     sampler = ExampleSampler(None, [episode] * 4, 16)
     result = evaluate.explanation_accuracy(Model(), get_spec("clevr"), sampler, batch_size=4)
     assert result["explanation_accuracy"] == 0.25 and result["explanation_achieved"] == 0.5
+
+
+def test_two_runs_with_different_precisions_share_one_process(tiny_backbone, tmp_path):
+    """accelerate keeps its state process-wide; a library user grounding twice (fp32,
+    then bf16) must not be refused."""
+    from kalm.envs import get_spec
+
+    spec, data = get_spec("clevr"), _dataset(n=8)
+    config = GroundingConfig(steps=1, checkpoint_every=0, batch_tokens=160, max_batch_size=4, eval_episodes=1,
+                             explanation_max_tokens=2, generation_max_steps=2, num_threads=1, precision="fp32")
+    train_grounding(spec, data, str(tiny_backbone), tmp_path / "a", config, progress=False)
+    metrics = train_grounding(spec, data, str(tiny_backbone), tmp_path / "b", replace(config, precision="bf16"),
+                              progress=False)
+    assert metrics["precision"] == "bf16" and (tmp_path / "b" / "model").is_dir()

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kalm.grounding.backbone import resolve_backbone
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
 from kalm.grounding.evaluate import dynamics_mse, explanation_accuracy, generation_success
 from kalm.grounding.model import DEFAULT_LORA_TARGETS, GroundedLM, GroundedLMConfig, NormStats
@@ -253,6 +254,22 @@ def _load_checkpoint(path: Path, spec, config: GroundingConfig, backbone: str):
 
 
 # ---------------------------------------------------------------- the run
+def _accelerator(**kwargs):
+    """An ``Accelerator``; in a single process, one left by an earlier run with another
+    precision is reset first (accelerate keeps its state process-wide and otherwise
+    refuses a second run in the same process, e.g. a library user grounding twice)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc) or PartialState().num_processes != 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
 def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config: GroundingConfig = GroundingConfig(),
                     resume: bool = False, llm=None, tokenizer=None, progress: bool = True,
                     stop_after: int | None = None) -> dict:
@@ -263,17 +280,18 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     ``stop_after`` ends this session after that many steps with a checkpoint (a
     time-sliced run); ``resume=True`` continues it on the same schedule.
     """
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
     if dataset.env != spec.name:
         raise ValueError(f"the dataset was collected in env {dataset.env!r}, not {spec.name!r}")
     out = Path(out)
+    if llm is None:
+        resolve_backbone(backbone)  # a bad --llm is named before anything else starts
     if not torch.cuda.is_available():
         torch.set_num_threads(config.num_threads or _free_cores())
     precision = _precision(config)
-    accelerator = Accelerator(
+    accelerator = _accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
         gradient_accumulation_steps=config.grad_accum,
         cpu=not torch.cuda.is_available(),
