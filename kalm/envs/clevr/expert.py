@@ -4,13 +4,20 @@ It tries every push in a copy of the current simulator state (velocities include
 and takes the one that lowers the task's cost the most. When no single push helps
 (the object is pinned against a wall, or the anchor blocks the way) it looks two
 pushes ahead. An ``epsilon`` share of random pushes makes the data diverse.
+
+For a relation it moves the object ball whenever a push of that ball makes progress,
+and only otherwise any ball: an instruction names the ball to move, and episodes in
+which mostly the anchor moved would teach the grounded LLM that "the red ball" may
+mean whichever ball happens to help (the first version pushed the object alone in only
+17 % of episodes).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kalm.envs.clevr.env import N_ACTIONS, CLEVRRobotEnv
+from kalm.envs.clevr.env import N_ACTIONS, PUSH_DIRECTIONS, CLEVRRobotEnv
+from kalm.envs.clevr.tasks import COLOURS, Relation
 from kalm.envs.spec import Task
 
 _MIN_PROGRESS = 1e-3
@@ -36,6 +43,11 @@ class CLEVRExpert:
             costs[a] = self._after(a, task, start)
             env.restore(root)
         current = task.cost(env.get_state(), start)
+        if isinstance(task, Relation):
+            own = COLOURS.index(task.object) * len(PUSH_DIRECTIONS) + np.arange(len(PUSH_DIRECTIONS))
+            best_own = int(own[np.argmin(costs[own])])
+            if costs[best_own] == 0.0 or costs[best_own] < current - _MIN_PROGRESS:
+                return best_own
         best = int(np.argmin(costs))
         if costs[best] == 0.0 or costs[best] < current - _MIN_PROGRESS:
             return best
