@@ -217,20 +217,8 @@ def test_train_survives_kills_at_several_points(tmp_path, reference_data, refere
 
 # ----------------------------------------------------------------------------- kalm run
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kalm.grounding.backbone import load_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer("smollm2")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def tiny_llm(tiny_backbone) -> str:
+    return str(tiny_backbone)
 
 
 def _stage(out: Path, prefix: str, partial: bool = False) -> list[Path]:

@@ -9,28 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from kalm.grounding.backbone import BackboneError, load_backbone, load_tokenizer
+from kalm.grounding.backbone import BackboneError, load_backbone
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, GroundingCheckpointError, NormStats
 from kalm.grounding.prompts import TASKS, collate
 from kalm.grounding.train import GroundingConfig, GroundingObjective, latest_checkpoint, train_grounding
 
 STATE_DIM, N_ACTIONS = 10, 40
-
-
-@pytest.fixture(scope="session")
-def tiny_backbone(tmp_path_factory):
-    """A 2-layer random Llama saved as a model directory, with the real tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=512)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _model(backbone, finetune="lora", seed=0, **kw) -> GroundedLM:

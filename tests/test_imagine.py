@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kalm.envs import get_spec
 from kalm.envs.clevr.tasks import Relation
-from kalm.grounding.backbone import load_tokenizer
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
 from kalm.imagine.filters import HallucinationStats, check_rollout
 from kalm.imagine.generate import GenerationConfig, generate_rollouts
@@ -19,22 +17,15 @@ from kalm.imagine.rollouts import ImagineConfig, imagine, sample_prompts
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model(tiny_backbone):
     torch.manual_seed(0)
-    tokenizer = load_tokenizer("smollm2")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-    )
-    llm = LlamaForCausalLM(config)
     spec = get_spec("clevr")
     grounded = GroundedLMConfig(env="clevr", state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=True,
-                                backbone="tiny", finetune="full")
-    stats = NormStats.identity(spec.state_dim, spec.action_dim, True)
+                                backbone=str(tiny_backbone), finetune="full")
+    identity = NormStats.identity(spec.state_dim, spec.action_dim, True)
     stats = NormStats(np.zeros(10, np.float32), np.full(10, 0.3, np.float32), np.full(10, 0.05, np.float32),
-                      stats.action_mean, stats.action_std)
-    model = GroundedLM.create(grounded, stats, llm=llm, tokenizer=tokenizer)
-    return model.eval()
+                      identity.action_mean, identity.action_std)
+    return GroundedLM.create(grounded, stats).eval()
 
 
 def _starts(n, seed=0):

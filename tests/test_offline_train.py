@@ -11,7 +11,7 @@ import torch
 from kalm.data.collect import CollectConfig, collect_episode
 from kalm.data.episodes import EpisodeDataset, save_episodes
 from kalm.envs import get_spec
-from kalm.evaluation.evaluate import evaluate, resolve_levels
+from kalm.evaluation.evaluate import evaluate
 from kalm.evaluation.policies import RandomPolicy, TrainedPolicy
 from kalm.offline.config import TrainConfig
 from kalm.offline.policy import LanguagePolicy

@@ -6,26 +6,13 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from kalm.grounding.backbone import load_tokenizer
 from kalm.pipeline import PRESETS, load_config, run_pipeline
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, saved as
-    a Hugging Face directory (what ``--llm PATH`` accepts)."""
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer("smollm2")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def tiny_llm(tiny_backbone) -> str:
+    return str(tiny_backbone)
 
 
 def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path):

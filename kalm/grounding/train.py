@@ -45,7 +45,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kalm.grounding.backbone import resolve_backbone
