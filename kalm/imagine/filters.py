@@ -25,12 +25,14 @@ class HallucinationStats:
     transitions: int = 0
     failed_transitions: Counter = field(default_factory=Counter)
     rollouts_with_failure: Counter = field(default_factory=Counter)
+    checks: set = field(default_factory=lambda: {"non_finite"})
 
     def add(self, violations: list[dict[str, bool]]) -> None:
         self.rollouts += 1
         self.transitions += len(violations)
         seen = Counter()
         for v in violations:
+            self.checks.update(v)
             for check, failed in v.items():
                 if failed:
                     self.failed_transitions[check] += 1
@@ -38,7 +40,7 @@ class HallucinationStats:
         self.rollouts_with_failure.update(seen)
 
     def summary(self) -> dict:
-        checks = sorted(set(self.failed_transitions) | set(self.rollouts_with_failure) | {"non_finite"})
+        checks = sorted(self.checks)
         return {
             "rollouts": self.rollouts,
             "transitions": self.transitions,
