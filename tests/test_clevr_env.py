@@ -174,3 +174,18 @@ def test_push_tasks_end_after_one_push_like_the_reference_judge(env):
     env.reset(seed=0, options={"task": Push("red", "left"), "state": SPREAD})
     _, reward, terminated, truncated, info = env.step(8 * 0 + 2)  # red pushed left
     assert terminated and not truncated and info["success"] and reward == 1.0
+
+
+def test_object_first_expert_moves_the_named_ball():
+    env = CLEVRRobotEnv()
+    expert = make_expert(env, object_first=True)
+    task = Relation("green", "purple", "behind")
+    obs, _ = env.reset(seed=21, options={"task": task})
+    pushed = []
+    for _ in range(50):
+        action = expert(obs, task, env.start_state)
+        pushed.append(action // 8)
+        obs, _, terminated, _, _ = env.step(action)
+        if terminated:
+            break
+    assert terminated and pushed[-1] == 2  # green
