@@ -19,6 +19,24 @@ class TaskSpecError(ValueError):
     """A task description (JSON or Python) is malformed; the message names the field."""
 
 
+def task_kind_fields(spec: Any, fields_by_kind: Mapping[str, Mapping[str, Any]], where: str) -> tuple[str, Mapping]:
+    """The checks every environment's task parser starts with: ``spec`` is an object
+    with a known ``kind`` and no fields that kind does not have. Returns the kind and
+    its field table; what each field may hold is the caller's to check."""
+    if not isinstance(spec, Mapping):
+        raise TaskSpecError(f"{where}: expected an object, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind is None:
+        raise TaskSpecError(f"{where}: missing field 'kind'")
+    if not isinstance(kind, str) or kind not in fields_by_kind:
+        raise TaskSpecError(f"{where}.kind: unknown kind {kind!r} (expected one of {', '.join(fields_by_kind)})")
+    fields = fields_by_kind[kind]
+    extra = sorted(set(spec) - set(fields) - {"kind"})
+    if extra:
+        raise TaskSpecError(f"{where}: unexpected field '{extra[0]}' for kind '{kind}'")
+    return kind, fields
+
+
 @runtime_checkable
 class Task(Protocol):
     """A goal as data: a success predicate over states, and a JSON form.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm.envs.spec import Task, TaskSpecError
+from kalm.envs.spec import Task, TaskSpecError, task_kind_fields
 
 COLOURS: tuple[str, ...] = ("red", "blue", "green", "purple", "cyan")
 DIRECTIONS: dict[str, tuple[float, float]] = {
@@ -219,17 +219,7 @@ def parse_task(spec: Mapping[str, Any], where: str = "task", depth: int = 0) -> 
     names the offending field (``task.tasks[1].object: unknown colour 'pink' ...``)."""
     if depth > MAX_NESTING:
         raise TaskSpecError(f"{where}: tasks nested deeper than {MAX_NESTING} levels")
-    if not isinstance(spec, Mapping):
-        raise TaskSpecError(f"{where}: expected an object, got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind is None:
-        raise TaskSpecError(f"{where}: missing field 'kind'")
-    if not isinstance(kind, str) or kind not in _FIELDS:
-        raise TaskSpecError(f"{where}.kind: unknown kind {kind!r} (expected one of {', '.join(_FIELDS)})")
-    fields = _FIELDS[kind]
-    extra = sorted(set(spec) - set(fields) - {"kind"})
-    if extra:
-        raise TaskSpecError(f"{where}: unexpected field '{extra[0]}' for kind '{kind}'")
+    kind, fields = task_kind_fields(spec, _FIELDS, where)
     values = {name: _field(spec, name, expected, where) for name, expected in fields.items()}
     if kind == "relation":
         if values["object"] == values["anchor"]:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from kalm.envs.spec import Task, TaskSpecError
+from kalm.envs.spec import Task, TaskSpecError, task_kind_fields
 
 SKILLS: tuple[str, ...] = (
     "reach",
@@ -220,17 +220,7 @@ _FIELDS: dict[str, dict[str, tuple[str, ...]]] = {
 def parse_task(spec: Mapping[str, Any], where: str = "task") -> Task:
     """Build a task from its JSON form; anything malformed is refused with a message
     naming the field (``task.region: unknown region 'up' (expected one of ...)``)."""
-    if not isinstance(spec, Mapping):
-        raise TaskSpecError(f"{where}: expected an object, got {type(spec).__name__}")
-    kind = spec.get("kind")
-    if kind is None:
-        raise TaskSpecError(f"{where}: missing field 'kind'")
-    if not isinstance(kind, str) or kind not in _FIELDS:
-        raise TaskSpecError(f"{where}.kind: unknown kind {kind!r} (expected one of {', '.join(_FIELDS)})")
-    fields = _FIELDS[kind]
-    extra = sorted(set(spec) - set(fields) - {"kind"})
-    if extra:
-        raise TaskSpecError(f"{where}: unexpected field '{extra[0]}' for kind '{kind}'")
+    kind, fields = task_kind_fields(spec, _FIELDS, where)
     values = {}
     for name, allowed in fields.items():
         if name not in spec:
