@@ -136,6 +136,58 @@ def ground(
     typer.echo(f"wrote {out / 'model'} and {out / 'metrics.json'}")
 
 
+@app.command()
+def imagine(
+    model: Path = typer.Option(..., help="Grounded model directory (the model/ written by `kalm ground`)."),
+    level: str = typer.Option(..., help="Level whose instructions to imagine: rephrase | easy | hard."),
+    n: int = typer.Option(200, help="Number of rollouts (the level's tasks are cycled evenly)."),
+    out: Path = typer.Option(..., help="Episode file to write (HDF5); statistics go to <out>.stats.json."),
+    seed: int = typer.Option(0, help="Seed for instructions, start states and action sampling."),
+    temperature: float = typer.Option(None, help="Action sampling temperature (0: greedy)."),
+    max_steps: int = typer.Option(None, help="Longest rollout (T)."),
+    batch_size: int = typer.Option(None, help="Rollouts generated together."),
+    keep_failures: bool = typer.Option(None, "--keep-failures/--drop-failures",
+                                       help="Keep rollouts that never reach the goal (zero reward)."),
+    physics_filter: bool = typer.Option(False, "--physics-filter", help="Drop rollouts with implausible moves."),
+    explain_back: bool = typer.Option(False, "--explain-back",
+                                      help="Keep only rollouts the LLM explains back as their task."),
+) -> None:
+    """Imagine labelled rollouts for a level's instructions with a grounded LLM."""
+    try:
+        import dataclasses
+        import json
+
+        from kalm.data.episodes import save_episodes
+        from kalm.envs import get_spec
+        from kalm.grounding.model import GroundedLM
+        from kalm.imagine.rollouts import ImagineConfig
+        from kalm.imagine.rollouts import imagine as run_imagine
+        from kalm.offline.files import write_json_atomic
+
+        grounded = GroundedLM.load(model)
+        spec = get_spec(grounded.config.env)
+        grounded.merge_lora()
+        base = ImagineConfig()
+        generation = dataclasses.replace(base.generation, **{k: v for k, v in dict(
+            temperature=temperature, max_steps=max_steps, batch_size=batch_size).items() if v is not None})
+        config = dataclasses.replace(base, level=level, n=n, seed=seed, physics_filter=physics_filter,
+                                     explain_back=explain_back, generation=generation,
+                                     keep_failures=base.keep_failures if keep_failures is None else keep_failures)
+        result = run_imagine(grounded, spec, config)
+        stats_path = out.with_name(out.name + ".stats.json")
+        if result.dataset is None:
+            raise ValueError(f"no rollout was kept out of {n} ({json.dumps(result.stats['counts'])}); "
+                             "try --keep-failures or a higher --temperature")
+        save_episodes(result.dataset, out)
+        write_json_atomic(stats_path, result.stats)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    counts = result.stats["counts"]
+    typer.echo(f"kept {counts['kept']} of {counts['generated']} rollouts "
+               f"({counts['succeeded']} reached the goal in imagination)")
+    typer.echo(f"wrote {out} and {stats_path}")
+
+
 @app.command("train")
 def train_cmd(
     data: list[Path] = typer.Option(..., help="Real episode file(s) (HDF5)."),

@@ -40,6 +40,8 @@ from kalm.report import LevelResult, ReportInputs, Showcase, write_report
 from kalm.stagecache import RunLock, StageCache
 
 NOVEL_LEVELS = ("rephrase", "easy", "hard")
+# Settings that change how fast a stage runs, not what it produces: not part of its key.
+RUNTIME_ONLY = frozenset({"num_threads", "eval_batch_size"})
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ def _ground(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real):
         resume = (work / "checkpoints").exists()
         return train_grounding(spec, dataset, config.llm, work, config.grounding, resume=resume)
 
-    return cache.run("ground", {"llm": config.llm, "grounding": config.grounding.to_json()}, build,
+    settings = {k: v for k, v in config.grounding.to_json().items() if k not in RUNTIME_ONLY}
+    return cache.run("ground", {"llm": config.llm, "grounding": settings}, build,
                      {"real": real.key})
 
 
@@ -172,12 +175,9 @@ def _model(grounded, spec: EnvSpec, model_cache: dict):
         from kalm.grounding.model import GroundedLM
 
         try:
-            model_cache["model"] = GroundedLM.load(grounded.path / "model", spec)
-        except (ValueError, OSError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers and json raise their own classes
-            raise ValueError(f"{grounded.path / 'model'}: damaged grounding checkpoint "
-                             f"({type(exc).__name__}: {exc}); delete the stage directory to rebuild it") from None
+            model_cache["model"] = GroundedLM.load(grounded.path / "model", spec).merge_lora()
+        except ValueError as exc:
+            raise ValueError(f"{exc}; delete the stage directory {grounded.path} to rebuild it") from None
     return model_cache["model"]
 
 

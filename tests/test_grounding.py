@@ -274,3 +274,52 @@ def test_two_runs_with_different_precisions_share_one_process(tiny_backbone, tmp
     metrics = train_grounding(spec, data, str(tiny_backbone), tmp_path / "b", replace(config, precision="bf16"),
                               progress=False)
     assert metrics["precision"] == "bf16" and (tmp_path / "b" / "model").is_dir()
+
+
+def _damage(ckpt, kind):
+    io = ckpt / "io_layers.safetensors"
+    if kind == "truncated io layers":
+        io.write_bytes(io.read_bytes()[: io.stat().st_size // 2])
+    elif kind == "random io layers":
+        io.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "missing io layers":
+        io.unlink()
+    elif kind == "binary config":
+        (ckpt / "grounding_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    elif kind == "config not an object":
+        (ckpt / "grounding_config.json").write_text("[1, 2]")
+    elif kind == "random adapter":
+        (ckpt / "adapter" / "adapter_model.safetensors").write_bytes(np.random.default_rng(1).bytes(2048))
+    elif kind == "broken tokenizer":
+        (ckpt / "tokenizer" / "tokenizer.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("kind", ["truncated io layers", "random io layers", "missing io layers", "binary config",
+                                  "config not an object", "random adapter", "broken tokenizer"])
+def test_a_damaged_checkpoint_is_refused_naming_it(tiny_backbone, tmp_path, kind):
+    _model(tiny_backbone).save(tmp_path / "ckpt")
+    _damage(tmp_path / "ckpt", kind)
+    with pytest.raises(GroundingCheckpointError, match=str(tmp_path / "ckpt")):
+        GroundedLM.load(tmp_path / "ckpt")
+
+
+def test_merged_lora_gives_the_same_outputs_and_cannot_be_saved(tiny_backbone, tmp_path):
+    model = _model(tiny_backbone)
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapter something to merge
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    batch = _fixed_batch(model, "generation", np.random.default_rng(3))
+
+    def hidden(m):
+        with torch.no_grad():
+            return m(m.embed_sequence(batch["input_ids"], batch["states"], batch["actions"]),
+                     batch["attention_mask"], batch["position_ids"])[0]
+
+    before = hidden(model)
+    model.merge_lora()
+    assert not any("lora" in name for name, _ in model.llm.named_parameters())
+    torch.testing.assert_close(hidden(model), before, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="merged"):
+        model.save(tmp_path / "merged")

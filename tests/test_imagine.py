@@ -3,6 +3,8 @@ at the right position, labelling and hallucination checks behave."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,26 @@ def test_llm_policy_fed_imagined_states_repeats_the_generated_actions(tiny_model
     act = LLMPolicy(tiny_model).begin(env, instruction, start, np.random.default_rng(0))
     chosen = [act(generated.states[t]) for t in range(6)]
     assert chosen == generated.actions.tolist()
+
+
+def test_imagine_command_writes_a_dataset_and_its_statistics(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+    from kalm.data.episodes import load_episodes
+
+    tiny_model.save(tmp_path / "model")
+    out = tmp_path / "easy.h5"
+    args = ["imagine", "--model", str(tmp_path / "model"), "--level", "easy", "--n", "6", "--out", str(out),
+            "--max-steps", "3", "--temperature", "1.0", "--keep-failures"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    episodes = load_episodes(out, get_spec("clevr")).episodes
+    assert len(episodes) == 6 and all(1 <= len(e.actions) <= 3 for e in episodes)
+    stats = json.loads((tmp_path / "easy.h5.stats.json").read_text())
+    assert stats["level"] == "easy" and stats["counts"]["generated"] == 6
+
+    refused = CliRunner().invoke(app, ["imagine", "--model", str(tmp_path / "model"), "--level", "medium", "--n", "2",
+                                       "--out", str(tmp_path / "x.h5")])
+    assert refused.exit_code == 2 and "unknown level 'medium'" in refused.output
+    assert not (tmp_path / "x.h5").exists()

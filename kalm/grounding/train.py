@@ -178,15 +178,44 @@ def _precision(config: GroundingConfig) -> str:
     return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
 
 
-def _free_cores() -> int:
-    """Cores not busy with other work, by the 1-minute load average (at least one).
+def _free_cores(window_s: float = 0.5) -> int:
+    """Cores not busy with other work right now (at least one).
 
     On a shared CPU, torch threads that outnumber the idle cores spin against each
-    other: measured 10x slower steps with 2 threads beside one busy process.
+    other: measured 10x slower steps with 2 threads beside one busy process. The idle
+    share is sampled from ``/proc/stat`` over a short window rather than read from the
+    1-minute load average, which still counts this process's own previous stage
+    (in ``kalm run`` the collection that just ended made grounding take one core).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = int(round(os.getloadavg()[0])) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
+    busy = _busy_cores(window_s)
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - int(round(busy))))
+
+
+def _busy_cores(window_s: float) -> float | None:
+    """Cores' worth of CPU time used by everything during ``window_s`` (Linux only)."""
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    second = sample()
+    total, idle = second[0] - first[0], second[1] - first[1]
+    if total <= 0:
+        return None
+    cores = os.cpu_count() or 1
+    return (1.0 - idle / total) * cores
 
 
 def _optimizer(model: GroundedLM, config: GroundingConfig) -> torch.optim.Optimizer:
