@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick] [--model DIR] [--run DIR] [--out FILE.json]``: measure
 every stage and print one markdown table per stage (also written as JSON).
 
-Sections: environment speed and expert success; KV-cached vs recomputed generation;
+Sections: environment speed and expert success; grounding tokens/s and peak memory
+(LoRA vs full, SmolLM2 and the tiny test model); KV-cached vs recomputed generation;
 offline RL steps/s; end-to-end stage times of a finished ``kalm run`` directory.
 """
 
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a grounded model directory to time instead of fresh layers")
     parser.add_argument("--run", type=Path, default=None, help="a finished `kalm run` directory for stage times")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/latest.json"))
-    parser.add_argument("--skip", nargs="*", default=[], choices=["env", "generation", "offline"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["env", "grounding", "generation", "offline"])
     args = parser.parse_args()
 
     sections: dict[str, object] = {"machine": _machine()}
@@ -55,6 +56,12 @@ def main() -> None:
 
         sections["env"] = env.run(quick=args.quick)
         print(sections["env"], "\n", flush=True)
+    if "grounding" not in args.skip:
+        from benchmarks import grounding
+
+        table, rows = grounding.run(quick=args.quick, threads=torch.get_num_threads())
+        sections["grounding"] = {"table": table, "rows": rows}
+        print(table, "\n", flush=True)
     if "generation" not in args.skip:
         from benchmarks import generation
 

@@ -67,11 +67,32 @@ def expert_success(episodes_per_kind: int = 40, seed: int = 0) -> dict[str, tupl
     }
 
 
+def metaworld_rate(seconds: float = 3.0) -> float | None:
+    """Meta-World steps/s with random actions (None when the extra is not installed)."""
+    try:
+        spec = get_spec("metaworld")
+        env = spec.make_env()
+    except ImportError:
+        return None
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, size=4).astype(np.float32))
+        n += 1
+        if terminated or truncated:
+            env.reset()
+    env.close()
+    return n / (time.perf_counter() - start)
+
+
 def run(quick: bool = False) -> str:
     lines = ["## Environment (CLEVR-Robot, one process)", "", "| measurement | value |", "|---|---|"]
     lines.append(f"| push-steps/s, single env | {push_rate(1.0 if quick else 3.0):,.0f} |")
     for mode in ("sync", "async"):
         lines.append(f"| push-steps/s, {mode} vector env x4 | {vector_rate(mode, steps=100 if quick else 300):,.0f} |")
+    mw = metaworld_rate(1.0 if quick else 3.0)
+    lines.append(f"| Meta-World steps/s, single env | {'not installed' if mw is None else f'{mw:,.0f}'} |")
     lines += ["", "| expert on task kind | success | mean pushes | episodes |", "|---|---|---|---|"]
     for kind, (rate, pushes, n) in expert_success(10 if quick else 40).items():
         lines.append(f"| {kind} | {rate:.1%} | {pushes:.1f} | {n} |")

@@ -21,16 +21,17 @@ from kalm.imagine.generate import GenerationConfig, generate_rollouts
 
 def build_model(llm: str = "smollm2", model_dir: str | None = None):
     """A grounded model: a trained checkpoint if given, else fresh I/O layers on the
-    backbone (generation speed does not depend on what the layers learned)."""
+    backbone (generation speed does not depend on what the layers learned). LoRA is
+    merged into the backbone, as the imagination stage does."""
     from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
 
     spec = get_spec("clevr")
     if model_dir:
-        return GroundedLM.load(model_dir, spec).eval()
+        return GroundedLM.load(model_dir, spec).merge_lora()
     config = GroundedLMConfig(env=spec.name, state_dim=spec.state_dim, action_dim=spec.action_dim,
                               discrete=spec.discrete, backbone=llm)
     stats = NormStats.identity(spec.state_dim, spec.action_dim, spec.discrete)
-    return GroundedLM.create(config, stats).float().eval()
+    return GroundedLM.create(config, stats).float().merge_lora()
 
 
 def _prompts(batch: int, seed: int = 0) -> tuple[list[str], np.ndarray]:

@@ -374,6 +374,7 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
 
     weights = config.weights
     running: dict[str, float] = {}
+    tokens = 0  # non-padding tokens through the model in this process (for tokens/s)
     started = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="grounding",
                disable=not (progress and accelerator.is_main_process))
@@ -383,6 +384,7 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
             task = choose_task(weights, rng)
             batch = collate(sampler.batch(task, rng, config.batch_tokens, config.max_batch_size), model.pad_token_id)
             batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum())
             # accumulate(): no gradient sync, no optimizer step and a loss divided by
             # grad_accum until the last micro-batch (DeepSpeed counts the same way)
             with accelerator.accumulate(objective):
@@ -414,7 +416,9 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     train_seconds = time.time() - started
 
     model = accelerator.unwrap_model(objective).model
-    metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 1), "precision": precision,
+    metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 3),
+                     "train_tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+                     "precision": precision,
                      "torch_threads": torch.get_num_threads(), "resumed_from": start_step,
                      "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
                      "final_running_loss": running}
