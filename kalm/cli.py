@@ -114,6 +114,9 @@ def ground(
     out: Path = typer.Option(..., help="Run directory: model/, metrics.json, checkpoints/."),
     lora: bool = typer.Option(True, "--lora/--full", help="LoRA adapters (default) or full fine-tuning."),
     steps: int = typer.Option(None, help="Optimizer steps (default: GroundingConfig.steps)."),
+    checkpoint_every: int = typer.Option(None, help="Steps between checkpoints, 0: none (default: GroundingConfig's)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (default: the idle cores). Results depend on it in the "
+                                           "last bits: give the same number to --resume to match an unbroken run."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
     """Ground an LLM on episodes: dynamics, explanation, generation and goal prediction."""
@@ -127,8 +130,12 @@ def ground(
 
         spec = get_spec(env)
         config = GroundingConfig(finetune="lora" if lora else "full")
-        if steps is not None:
-            config = dataclasses.replace(config, steps=steps)
+        if checkpoint_every is not None and checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {checkpoint_every}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        overrides = dict(steps=steps, checkpoint_every=checkpoint_every, num_threads=threads)
+        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume)
     except (ValueError, OSError) as exc:
         _fail(exc)

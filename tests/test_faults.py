@@ -4,12 +4,16 @@ with the same seed ends. Nothing a kill leaves behind may pass for a finished ou
 
 CI runs one kill per stage; ``pytest -m slow tests/test_faults.py`` kills each stage
 at several points in a row and also kills and resumes ``kalm run`` on the tiny config.
+
+A full disk (simulated with a file-size limit) must fail a command in one line and
+leave the previous output, or the last checkpoint, exactly as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -300,3 +304,299 @@ def test_kalm_run_killed_at_several_stages_resumes_to_the_same_results(tmp_path,
     assert not [p for p in (out / "stages").iterdir() if p.name.endswith(".partial")]
     print(f"kalm run: resumed after {survived} kills ({', '.join(list(RUN_KILLS)[:survived])}), results unchanged")
     assert survived >= 3, survived
+
+
+# ----------------------------------------------------------------------------- kalm ground
+# `--threads 1`: the automatic thread count follows the idle cores when a process
+# starts, and float sums over 1 and 2 threads differ in the last bits (measured: I/O
+# weights 5e-4 apart after 40 steps), so an uninterrupted run and a resumed one only
+# agree bit for bit with the thread count pinned.
+GROUND_STEPS, GROUND_EVERY = 40, 5
+# Per-process figures: timings, the tokens this process trained on, the step it resumed
+# from, and the running loss (an average over this process's steps only).
+GROUND_SESSION_METRICS = {"train_seconds", "eval_seconds", "tokens_per_second", "train_tokens", "resumed_from",
+                          "final_running_loss"}
+
+
+def _ground_args(data: Path, llm: Path, out: Path, resume: bool) -> tuple:
+    return ("ground", "--data", data, "--llm", llm, "--out", out, "--steps", GROUND_STEPS,
+            "--checkpoint-every", GROUND_EVERY, "--threads", 1, *(["--resume"] if resume else []))
+
+
+def _ground_checkpoint(out: Path) -> int:
+    """The step of the newest finished checkpoint (0: none)."""
+    from kalm.grounding.train import latest_checkpoint
+
+    found = latest_checkpoint(out)
+    return int(found.name.split("-")[1]) if found is not None else 0
+
+
+# Each condition sees the run directory and what this process has logged so far.
+GROUND_KILLS = {
+    "before the first checkpoint": lambda out, logged: "grounding clevr on" in logged,
+    "after the first checkpoint": lambda out, logged: _ground_checkpoint(out) >= GROUND_EVERY,
+    "mid-run": lambda out, logged: _ground_checkpoint(out) >= GROUND_STEPS // 2,
+    "after the last checkpoint": lambda out, logged: _ground_checkpoint(out) >= GROUND_STEPS - GROUND_EVERY,
+    "after the final model, during evaluation": lambda out, logged: (out / "model").exists(),
+}
+
+
+def _logged_since(log: Path, offset: int) -> str:
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def reference_grounding(tmp_path_factory, reference_data, tiny_backbone) -> Path:
+    out = tmp_path_factory.mktemp("ref-ground") / "ground"
+    log = out.with_suffix(".log")
+    finish(kalm_process(*_ground_args(reference_data, tiny_backbone, out, resume=False), log=log), log)
+    return out
+
+
+def assert_same_grounded_model(a: Path, b: Path) -> None:
+    """Every file of two grounded models byte for byte, but PEFT's adapter config is
+    compared as JSON: it writes its target-module set in hash-seed order."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert Path("io_layers.safetensors") in files and Path("adapter/adapter_model.safetensors") in files
+    for name in files:
+        if name.name == "adapter_config.json":
+            ca, cb = (json.loads((m / name).read_text()) for m in (a, b))
+            ca["target_modules"], cb["target_modules"] = sorted(ca["target_modules"]), sorted(cb["target_modules"])
+            assert ca == cb
+            continue
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _ground_with_kills(tmp_path: Path, data: Path, llm: Path, reference: Path, kill_points: list[str]) -> int:
+    out, log = tmp_path / "ground", tmp_path / "ground.log"
+    survived, resumed_from = 0, 0
+    for i, point in enumerate(kill_points):
+        offset = log.stat().st_size if log.exists() else 0
+        process = kalm_process(*_ground_args(data, llm, out, resume=i > 0), log=log)
+        wait_until(lambda: GROUND_KILLS[point](out, _logged_since(log, offset)) or (out / "metrics.json").exists(),
+                   process, log, point)
+        kill(process)
+        if (out / "metrics.json").exists():  # the kill landed after the run finished
+            break
+        survived += 1
+        resumed_from = _ground_checkpoint(out)
+        # A killed run is never taken for a finished one: no metrics, and a model only
+        # once training is over (it is the final one; the resumed run rewrites it).
+        if point != "after the final model, during evaluation":
+            assert not (out / "model").exists(), point
+        # and a fresh start over it is refused rather than mixing two runs
+        if i == 0 and resumed_from:
+            second = subprocess.run([sys.executable, "-m", "kalm.cli", *map(str, _ground_args(data, llm, out, False))],
+                                    capture_output=True, text=True, timeout=WAIT_S)
+            assert second.returncode == 2 and "unfinished run" in second.stderr, second.stderr
+    print(f"ground: resumed after {survived} kills ({', '.join(kill_points[:survived])})")
+    finish(kalm_process(*_ground_args(data, llm, out, resume=True), log=log), log)
+
+    ours, theirs = (json.loads((p / "metrics.json").read_text()) for p in (out, reference))
+    assert ours["steps"] == theirs["steps"] == GROUND_STEPS
+    assert ours["resumed_from"] == resumed_from and theirs["resumed_from"] == 0
+    assert ours["torch_threads"] == 1
+    for key in GROUND_SESSION_METRICS:
+        ours.pop(key, None)
+        theirs.pop(key, None)
+    assert "dynamics_mse" in ours and "explanation_accuracy" in ours and "generation_success" in ours
+    assert ours == theirs  # the held-out metrics of the same weights, exactly
+    assert_same_grounded_model(out / "model", reference / "model")
+    for name in ("grounding_config.json", "split.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir()) == ["grounding_config.json", "metrics.json", "model", "split.json"]
+    return survived
+
+
+def test_ground_killed_after_a_checkpoint_resumes_to_the_same_model(tmp_path, reference_data, tiny_backbone,
+                                                                    reference_grounding):
+    survived = _ground_with_kills(tmp_path, reference_data, tiny_backbone, reference_grounding,
+                                  ["after the first checkpoint"])
+    assert survived == 1
+
+
+@pytest.mark.slow
+def test_ground_survives_kills_at_several_points(tmp_path, reference_data, tiny_backbone, reference_grounding):
+    survived = _ground_with_kills(tmp_path, reference_data, tiny_backbone, reference_grounding, list(GROUND_KILLS))
+    assert survived >= len(GROUND_KILLS) - 1, survived  # evaluation takes under a second: it may finish first
+
+
+# ----------------------------------------------------------------------------- kalm imagine
+# The "rephrase" level: its tasks run for many steps (the "easy" ones stop after one
+# push), so generation lasts long enough to be killed in the middle.
+IMAGINE_N = 96
+
+
+def _imagine_args(model: Path, out: Path) -> tuple:
+    return ("imagine", "--model", model, "--level", "rephrase", "--n", IMAGINE_N, "--batch-size", 4,
+            "--max-steps", 12, "--temperature", 1.0, "--keep-failures", "--seed", 3, "--out", out)
+
+
+def _stats(out: Path) -> Path:
+    return out.with_name(out.name + ".stats.json")
+
+
+@pytest.fixture(scope="module")
+def grounded_model(tmp_path_factory, tiny_backbone) -> Path:
+    """A tiny grounded model saved as `kalm ground` saves one: the random Llama, fully
+    fine-tunable, with a done head that never fires (every rollout runs to its goal or
+    to --max-steps, so sampling decides many actions)."""
+    from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
+
+    torch.manual_seed(0)
+    config = GroundedLMConfig(env="clevr", state_dim=SPEC.state_dim, action_dim=SPEC.action_dim, discrete=True,
+                              backbone=str(tiny_backbone), finetune="full")
+    identity = NormStats.identity(SPEC.state_dim, SPEC.action_dim, True)
+    stats = NormStats(np.zeros(SPEC.state_dim, np.float32), np.full(SPEC.state_dim, 0.3, np.float32),
+                      np.full(SPEC.state_dim, 0.05, np.float32), identity.action_mean, identity.action_std)
+    model = GroundedLM.create(config, stats)
+    with torch.no_grad():
+        model.io.done_head.bias.fill_(-20.0)
+    return model.save(tmp_path_factory.mktemp("grounded") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference_imagined(tmp_path_factory, grounded_model) -> Path:
+    out = tmp_path_factory.mktemp("ref-imagine") / "imagined.h5"
+    log = out.with_suffix(".log")
+    finish(kalm_process(*_imagine_args(grounded_model, out), log=log), log)
+    return out
+
+
+def _rollouts_done(log: Path) -> int:
+    counts = re.findall(rf"imagine rephrase:[^\r\n|]*\|[^|]*\| *(\d+)/{IMAGINE_N}", log.read_text(errors="replace"))
+    return max(map(int, counts), default=0)
+
+
+def test_imagine_killed_mid_run_leaves_the_previous_output_and_reruns_to_the_same_file(
+        tmp_path, reference_data, grounded_model, reference_imagined):
+    out, log = tmp_path / "imagined.h5", tmp_path / "imagine.log"
+    # An earlier, finished output sits at --out: a kill must leave it as it was.
+    out.write_bytes(reference_data.read_bytes())
+    _stats(out).write_text('{"earlier": "run"}\n')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p != log}
+
+    process = kalm_process(*_imagine_args(grounded_model, out), log=log)
+    wait_until(lambda: _rollouts_done(log) >= 8, process, log, "8 rollouts")
+    kill(process)
+    done = _rollouts_done(log)
+    assert done < IMAGINE_N, "the kill landed after generation; give the run more rollouts"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p != log} == before
+    print(f"imagine: killed after {done} of {IMAGINE_N} rollouts; the earlier output is untouched")
+
+    finish(kalm_process(*_imagine_args(grounded_model, out), log=log), log)
+    assert out.read_bytes() == reference_imagined.read_bytes()
+    assert _stats(out).read_bytes() == _stats(reference_imagined).read_bytes()
+    assert_same_episodes(load_episodes(out, SPEC), load_episodes(reference_imagined, SPEC))
+    assert sorted(p.name for p in tmp_path.iterdir() if p != log) == [out.name, _stats(out).name]
+
+
+# ----------------------------------------------------------------------------- disk full
+# A full disk without root: the child's file-size limit (RLIMIT_FSIZE) makes any write
+# past `limit` bytes of one file fail with EFBIG, as ENOSPC would; SIGXFSZ is ignored so
+# the write returns the error instead of killing the process. Pipes are not files, so
+# the command's own output still comes back.
+def kalm_with_file_size_limit(*args, limit: int) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "kalm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=WAIT_S, preexec_fn=limit_file_size)
+
+
+def assert_fails_naming(result: subprocess.CompletedProcess, path: Path) -> None:
+    """Exit status 2, one `error:` line naming the file that could not be written, no traceback."""
+    err = result.stderr
+    assert result.returncode == 2, (result.returncode, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert f"cannot write {path}: File too large" in errors[0], errors[0]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory``, by relative path (temporaries included)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# Collecting over an existing file with a file-size limit that stops (from the final
+# file's size) the shard directory's config.json (~100 bytes), the first 8-episode
+# shard, or only the final 24-episode file (a shard is about half its size): the file
+# whose write fails, and the finished shards left to resume from (None: no directory).
+COLLECT_FULL = {
+    "the shard directory's config": (lambda size: 50, lambda out: partial_dir(out) / "config.json", None),
+    "the first shard": (lambda size: 1024, lambda out: _shard(out, 0), []),
+    "the final file": (lambda size: size - 1, lambda out: out, [0, 1, 2]),
+}
+
+
+@pytest.mark.parametrize("stage", list(COLLECT_FULL))
+def test_collect_on_a_full_disk_keeps_the_previous_file_and_resumes_later(tmp_path, reference_data, stage):
+    from kalm.data.episodes import save_episodes
+
+    limit, failing, shards = COLLECT_FULL[stage]
+    out = tmp_path / "real.h5"
+    previous = load_episodes(reference_data, SPEC)
+    save_episodes(replace(previous, episodes=previous.episodes[:3]), out)  # a good, different earlier dataset
+    before = out.read_bytes()
+
+    result = kalm_with_file_size_limit(*_collect_args(out), limit=limit(reference_data.stat().st_size))
+    assert_fails_naming(result, failing(out))
+    assert out.read_bytes() == before
+    # No temporary anywhere; besides the old file, only whole shards to resume from.
+    left = sorted(_files(tmp_path))
+    if shards is None:
+        assert left == ["real.h5"]
+    else:
+        assert left == ["real.h5", "real.h5.partial/config.json",
+                        *[f"real.h5.partial/shard-{i:05d}.h5" for i in shards]]
+        for i in shards:
+            assert len(load_episodes(_shard(out, i), SPEC).episodes) == COLLECT.chunk_size
+
+    # Space freed: the same command finishes the collection.
+    log = tmp_path / "collect.log"
+    finish(kalm_process(*_collect_args(out), log=log), log)
+    assert_same_episodes(load_episodes(out, SPEC), load_episodes(reference_data, SPEC))
+    assert sorted(_files(tmp_path)) == ["collect.log", "real.h5"]
+
+
+def test_imagine_on_a_full_disk_keeps_the_previous_output(tmp_path, grounded_model, reference_imagined):
+    out = tmp_path / "imagined.h5"
+    out.write_bytes(reference_imagined.read_bytes())
+    _stats(out).write_bytes(_stats(reference_imagined).read_bytes())
+    before = _files(tmp_path)
+    limit = 4096
+    assert out.stat().st_size > limit
+    args = list(_imagine_args(grounded_model, out))
+    args[args.index("--seed") + 1] = 4  # another run, so a written file would differ
+    assert_fails_naming(kalm_with_file_size_limit(*args, limit=limit), out)
+    assert _files(tmp_path) == before
+
+
+def test_train_on_a_full_disk_keeps_its_checkpoint(tmp_path, reference_data, reference_policy):
+    """The policy weights (torch.save) cannot be written: the last checkpoint stays
+    whole, and resuming once there is space ends at the uninterrupted run's weights."""
+    out = tmp_path / "policy"
+    train(reference_data, out, TRAIN, progress=False, stop_after=TRAIN.checkpoint_every)
+    checkpoint = _files(out / "checkpoint")
+    weights = out / "checkpoint" / f"model-{TRAIN.checkpoint_every:09d}.pt"
+    limit = weights.stat().st_size // 2
+    assert max(p.stat().st_size for p in out.rglob("*") if p.is_file() and p != weights) < limit // 8
+
+    assert_fails_naming(kalm_with_file_size_limit(*_train_args(reference_data, out, resume=True), limit=limit),
+                        out / "checkpoint" / f"model-{2 * TRAIN.checkpoint_every:09d}.pt")
+    assert _files(out / "checkpoint") == checkpoint
+    # no temporary left (the curve may hold steps past the checkpoint: a resume drops them)
+    assert sorted(_files(out)) == ["algo.json", "checkpoint/" + weights.name, "checkpoint/state.json", "config.json",
+                                   "curve.csv"]
+
+    log = tmp_path / "train.log"
+    finish(kalm_process(*_train_args(reference_data, out, resume=True), log=log), log)
+    assert_same_weights(out / "model.pt", reference_policy / "model.pt")
+    assert read_curve(out / "curve.csv") == read_curve(reference_policy / "curve.csv")

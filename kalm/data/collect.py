@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, make_dirs, save_episodes
+from kalm.data.episodes import (
+    DatasetError,
+    Episode,
+    EpisodeDataset,
+    load_episodes,
+    make_dirs,
+    raise_naming,
+    save_episodes,
+)
 from kalm.envs.spec import EnvSpec
 
 
@@ -170,8 +178,12 @@ def _start_or_resume(spec: EnvSpec, config: CollectConfig, directory: Path) -> N
     make_dirs(directory.parent)
     directory.mkdir()
     tmp = config_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(wanted, sort_keys=True))
-    tmp.replace(config_file)
+    try:
+        tmp.write_text(json.dumps(wanted, sort_keys=True))
+        tmp.replace(config_file)
+    except OSError as exc:  # e.g. a full disk: a shard directory without its config would block every rerun
+        shutil.rmtree(directory, ignore_errors=True)
+        raise_naming(exc, config_file)
 
 
 def collect_to_file(spec: EnvSpec, config: CollectConfig, out: str | Path, progress: bool = True) -> EpisodeDataset:

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import gymnasium as gym
 import h5py
@@ -205,6 +205,14 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+def raise_naming(exc: OSError, path: Path) -> NoReturn:
+    """Re-raise ``exc``, naming ``path`` when it names no file (a failed ``write()``:
+    disk full, file too large), so the one-line error says which output failed."""
+    if exc.filename is None:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+    raise exc
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Delete the temporaries of ``path`` left by writers that were killed (their pid
     is gone); they were never renamed into place, so nothing read them."""
@@ -242,21 +250,30 @@ def save_episodes(dataset: EpisodeDataset, path: str | os.PathLike) -> Path:
     remove_stale_temporaries(path)
     # A unique sibling name (not mkstemp, whose 0600 mode would stick to the result).
     tmp = temporary_sibling(path)
+    image = _hdf5_image(dataset, tmp.name)
     try:
-        _write_hdf5(dataset, tmp)
-        with open(tmp, "rb+") as handle:
+        with open(tmp, "xb") as handle:
+            handle.write(image)
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise_naming(exc, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left by any failure before it
     _fsync_directory(path.parent)
     return path
 
 
-def _write_hdf5(dataset: EpisodeDataset, path: Path) -> None:
+def _hdf5_image(dataset: EpisodeDataset, name: str) -> bytes:
+    """The bytes of the HDF5 file holding ``dataset``, built in memory.
+
+    Only plain file I/O then touches the disk, so a failed write (disk full, a file
+    size limit) is one clean ``OSError``; HDF5 writing to disk itself reports it as
+    errors from ``close`` and keeps a broken handle that crashes the process at exit.
+    """
     episodes = dataset.episodes
-    with h5py.File(path, "w") as f:
+    with h5py.File(name, "w", driver="core", backing_store=False) as f:
         f.attrs["format"] = FORMAT_NAME
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["env"] = dataset.env
@@ -270,6 +287,8 @@ def _write_hdf5(dataset: EpisodeDataset, path: Path) -> None:
         f.create_dataset("instructions", data=[ep.instruction for ep in episodes], dtype=_STRING_DTYPE)
         task_json = [json.dumps(ep.task, allow_nan=False, sort_keys=True) for ep in episodes]
         f.create_dataset("tasks", data=task_json, dtype=_STRING_DTYPE)
+        f.flush()
+        return f.id.get_file_image()
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -3,30 +3,40 @@ previous version in place (checkpoints, policies and reports are all rewritten).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kalm.data.episodes import make_dirs, remove_stale_temporaries, temporary_sibling
+from kalm.data.episodes import make_dirs, raise_naming, remove_stale_temporaries, temporary_sibling
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write`` on a temporary file next to ``path``, then rename it over ``path``."""
+    """Write what ``write`` produces to a temporary file next to ``path``, then rename
+    it over ``path``.
+
+    ``write`` fills an in-memory buffer and plain file I/O writes it out: a failed
+    write (disk full, file too large) is then an ``OSError`` naming ``path``, where
+    ``torch.save`` writing to the file itself reports it as a bare ``RuntimeError``.
+    """
     path = Path(path)
+    buffer = io.BytesIO()
+    write(buffer)
     make_dirs(path.parent)
     remove_stale_temporaries(path)
     tmp = temporary_sibling(path)
     try:
         with open(tmp, "xb") as f:
-            write(f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise_naming(exc, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left by any failure before it
     return path
 
 

@@ -209,21 +209,22 @@ def train(
     )
     write_json_atomic(out / CONFIG_FILE, description)
 
-    bar = tqdm(total=config.steps, initial=step, desc=f"train {config.algo}", disable=not progress, unit="step")
     started = time.perf_counter()
     loss: dict[str, float] = {}
     last_step = config.steps if stop_after is None else min(config.steps, stop_after)
-    while step < last_step:
-        loss = {k: float(v) for k, v in algo.update(sampler.sample(rng)).items()}
-        step += 1
-        curve.append({"step": step, **loss})
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in loss.items()})
-        if step % config.checkpoint_every == 0 or step == last_step:
-            elapsed = seconds + time.perf_counter() - started
-            _save_checkpoint(out, algo, rng, step, elapsed, curve)
-    bar.close()
+    # closed on errors too, so an error message starts on a line of its own
+    with tqdm(total=config.steps, initial=step, desc=f"train {config.algo}", disable=not progress,
+              unit="step") as bar:
+        while step < last_step:
+            loss = {k: float(v) for k, v in algo.update(sampler.sample(rng)).items()}
+            step += 1
+            curve.append({"step": step, **loss})
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in loss.items()})
+            if step % config.checkpoint_every == 0 or step == last_step:
+                elapsed = seconds + time.perf_counter() - started
+                _save_checkpoint(out, algo, rng, step, elapsed, curve)
     seconds += time.perf_counter() - started
     if step < config.steps:
         description.update(completed_steps=step, train_seconds=round(seconds, 3))
