@@ -169,7 +169,7 @@ def imagine(
         from kalm.grounding.model import GroundedLM
         from kalm.imagine.rollouts import ImagineConfig
         from kalm.imagine.rollouts import imagine as run_imagine
-        from kalm.offline.files import write_json_atomic
+        from kalm.data.files import write_json_atomic
 
         grounded = GroundedLM.load(model)
         spec = get_spec(grounded.config.env)

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kalm.data.files import write_atomic, write_text_atomic  # noqa: E402
 from kalm.envs.spec import EnvSpec  # noqa: E402
 
 LEVELS = ("seen", "rephrase", "easy", "hard")
@@ -58,12 +59,6 @@ class ReportInputs:
     timings: Mapping[str, float] = field(default_factory=dict)
     showcases: Sequence[Showcase] = ()
     notes: Sequence[str] = ()
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _pct(x: float) -> str:
@@ -150,9 +145,8 @@ def _showcase_gif(spec: EnvSpec, show: Showcase, path: Path) -> None:
         right = render(show.real[min(t, len(show.real) - 1)], 192, f"policy in sim, step {min(t, len(show.real) - 1)}")
         frames.append(np.concatenate([left, np.full((192, 6, 3), 255, np.uint8), right], axis=1))
     images = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(path.name + ".tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:] or None, duration=600, loop=0)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:] or None,
+                                                duration=600, loop=0))
 
 
 def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec) -> Path:
@@ -191,8 +185,8 @@ def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec
     if inputs.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in inputs.notes] + [""]
     text = "\n".join(md)
-    _atomic_text(out / "report.md", text)
-    _atomic_text(out / "report.html", _markdown_to_html(text, inputs.title))
+    write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "report.html", _markdown_to_html(text, inputs.title))
     return out / "report.md"
 
 

@@ -600,3 +600,23 @@ def test_train_on_a_full_disk_keeps_its_checkpoint(tmp_path, reference_data, ref
     finish(kalm_process(*_train_args(reference_data, out, resume=True), log=log), log)
     assert_same_weights(out / "model.pt", reference_policy / "model.pt")
     assert read_curve(out / "curve.csv") == read_curve(reference_policy / "curve.csv")
+
+
+def test_ground_on_a_full_disk_fails_in_one_line_and_resumes_later(tmp_path, reference_data, tiny_backbone,
+                                                                   reference_grounding):
+    """The first checkpoint cannot be written (its tokenizer file alone is ~2 MB): one
+    line naming it, no staging directory left; with space the same run resumes from
+    nothing and ends at the uninterrupted run's model."""
+    out = tmp_path / "ground"
+    result = kalm_with_file_size_limit(*_ground_args(reference_data, tiny_backbone, out, resume=False),
+                                       limit=1 << 20)
+    err = result.stderr
+    assert result.returncode == 2, (result.returncode, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"cannot write {out / 'checkpoints'}" in errors[0] and "File too large" in errors[0], errors[0]
+    assert not out.exists() or sorted(_files(out)) == [], sorted(_files(out))
+
+    log = tmp_path / "ground.log"
+    finish(kalm_process(*_ground_args(reference_data, tiny_backbone, out, resume=False), log=log), log)
+    assert_same_grounded_model(out / "model", reference_grounding / "model")

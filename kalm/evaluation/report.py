@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kalm.offline.files import write_json_atomic, write_text_atomic
+from kalm.data.files import write_json_atomic, write_text_atomic
 
 
 def _pct(x: float) -> str:

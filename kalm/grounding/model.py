@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kalm.data.episodes import raise_naming
 from kalm.grounding.backbone import load_backbone
 from kalm.grounding.prompts import PromptBuilder, collate
 
@@ -380,7 +381,7 @@ class GroundedLM(nn.Module):
     # ---------------------------------------------------------------- save / load
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the checkpoint atomically (a temp directory renamed into place)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if self.merged:
             raise ValueError("this model's LoRA weights were merged for inference (merge_lora); "
@@ -392,7 +393,9 @@ class GroundedLM(nn.Module):
         try:
             meta = {"format": FORMAT_VERSION, **self.config.to_json()}
             (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.io.state_dict().items()}, staging / IO_FILE)
+            # serialised in memory, written with plain file I/O: a full disk is an OSError
+            (staging / IO_FILE).write_bytes(
+                save({k: v.detach().contiguous().cpu() for k, v in self.io.state_dict().items()}))
             self.tokenizer.save_pretrained(staging / "tokenizer")
             if self.config.finetune == "lora":
                 self.llm.save_pretrained(staging / "adapter", save_embedding_layers=False)
@@ -400,6 +403,12 @@ class GroundedLM(nn.Module):
                 self.llm.save_pretrained(staging / "llm")
             staging.chmod(0o755)
             _swap_into_place(staging, out)
+        except OSError as exc:
+            raise_naming(exc, out)
+        except Exception as exc:  # noqa: BLE001
+            # safetensors (peft's adapter) and the Rust tokenizers report a failed write
+            # (disk full) with their own exception types; name the checkpoint instead
+            raise OSError(f"cannot write {out}: {type(exc).__name__}: {exc}") from exc
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from kalm.data.files import write_atomic, write_json_atomic
 from kalm.grounding.backbone import resolve_backbone
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
 from kalm.grounding.evaluate import dynamics_mse, explanation_accuracy, generation_success
@@ -247,7 +248,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def _save_checkpoint(out: Path, step: int, model: GroundedLM, optimizer, scheduler, config: GroundingConfig,
                      split: dict) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -255,10 +256,12 @@ def _save_checkpoint(out: Path, step: int, model: GroundedLM, optimizer, schedul
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
     try:
         model.save(staging / "model")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        save_file({"torch_rng": torch.get_rng_state()}, staging / "rng.safetensors")
+        # serialised in memory and written with plain file I/O, so a full disk is an
+        # OSError naming the file (torch.save and safetensors raise their own types)
+        write_atomic(staging / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+        write_atomic(staging / "rng.safetensors", lambda f: f.write(save({"torch_rng": torch.get_rng_state()})))
         state = {"step": step, "config": config.to_json(), "scheduler": scheduler.state_dict(), "split": split}
-        (staging / TRAINER_STATE).write_text(json.dumps(state))
+        write_json_atomic(staging / TRAINER_STATE, state)
         staging.chmod(0o755)
         if final.exists():
             shutil.rmtree(final)
@@ -427,14 +430,14 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     with _full_weights(accelerator, objective):
         if accelerator.is_main_process:
             model.save(out / "model")
-            (out / "grounding_config.json").write_text(json.dumps(config.to_json(), indent=2))
-            (out / "split.json").write_text(json.dumps(split))
+            write_json_atomic(out / "grounding_config.json", config.to_json())
+            write_json_atomic(out / "split.json", split)
     if val_eps:
         eval_started = time.time()
         metrics.update(evaluate_grounding(model, spec, val_eps, config))
         metrics["eval_seconds"] = round(time.time() - eval_started, 1)
     if accelerator.is_main_process:
-        _write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", _json_safe(metrics))
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     return metrics
 
@@ -477,8 +480,13 @@ def _backbone_reference(backbone: str) -> str:
     return backbone if str(backbone) in EMBEDDED_MODELS else str(Path(backbone).expanduser().resolve())
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
+def _json_safe(value):
+    """``value`` with non-finite floats as None (a diverged loss must not lose the run's
+    metrics file to strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

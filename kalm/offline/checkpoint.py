@@ -18,7 +18,7 @@ from pathlib import Path
 import d3rlpy
 import torch
 
-from kalm.offline.files import write_atomic, write_text_atomic
+from kalm.data.files import write_atomic, write_text_atomic
 
 CPU = "cpu:0"
 

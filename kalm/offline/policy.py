@@ -8,7 +8,7 @@ import numpy as np
 
 from kalm.offline.checkpoint import create_algo, load_weights
 from kalm.offline.encoder import CachedEncoder, shared_encoder
-from kalm.offline.files import read_json
+from kalm.data.files import read_json
 from kalm.offline.train import ALGO_FILE, CONFIG_FILE, MODEL_FILE
 
 

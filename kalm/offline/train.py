@@ -46,7 +46,7 @@ from kalm.offline.buffers import (
 from kalm.offline.checkpoint import CPU, load_weights, save_algo_config, save_weights
 from kalm.offline.config import TrainConfig
 from kalm.offline.encoder import shared_encoder
-from kalm.offline.files import make_dirs, read_json, write_json_atomic, write_text_atomic
+from kalm.data.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 
 CONFIG_FILE = "config.json"
 ALGO_FILE = "algo.json"
