@@ -120,10 +120,13 @@ def _curve_plot(inputs: ReportInputs, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for name, rows in curves.items():
+        # the first loss column; algorithms with delayed updates (TD3+BC's actor) log
+        # some losses only on some rows, so plot the rows that have it
         key = next((k for k in rows[0] if k not in ("step", "epoch")), None)
         if key is None:
             continue
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"{name} ({key})", lw=1.2)
+        logged = [r for r in rows if r.get(key) is not None]
+        ax.plot([r["step"] for r in logged], [r[key] for r in logged], label=f"{name} ({key})", lw=1.2)
     ax.set_xlabel("gradient step")
     ax.set_ylabel("training loss")
     ax.set_yscale("symlog")

@@ -298,3 +298,30 @@ def test_collector_writes_a_valid_metaworld_file(spec, tmp_path):
         assert e.actions.dtype.kind == "f" and np.all(np.abs(e.actions) <= 1.0)
         assert spec.parse_instruction(e.instruction) == spec.parse_task(e.task)
     assert data.success_rate >= 0.8
+
+
+def test_tiny_pipeline_runs_on_metaworld_with_continuous_actions(tiny_backbone, tmp_path):
+    """`kalm run` on Meta-World: the same stages and report, TD3+BC on continuous
+    actions, imagined rollouts with 4-d actions."""
+    from dataclasses import replace
+
+    from kalm.data.collect import CollectConfig
+    from kalm.imagine.generate import GenerationConfig
+    from kalm.pipeline import PRESETS, run_pipeline
+
+    tiny = PRESETS["clevr-tiny"]()
+    config = replace(PRESETS["metaworld-default"](), llm=str(tiny_backbone), grounding=tiny.grounding,
+                     collect=CollectConfig(episodes=10, epsilon=0.1, chunk_size=10),
+                     imagine=replace(tiny.imagine, generation=GenerationConfig(max_steps=3, batch_size=6)),
+                     train=replace(tiny.train, algo="td3plusbc"), seeds=(0,), eval_episodes=2,
+                     llm_policy_episodes=1, showcases=1)
+    report = run_pipeline(config, tmp_path)
+    text = report.read_text()
+    for level in ("seen", "rephrase", "easy", "hard"):
+        assert f"| {level} |" in text
+    imagined = [p for p in (tmp_path / "stages").glob("imagine-*/imagined.h5")]
+    assert imagined
+    episode = load_episodes(imagined[0], get_spec("metaworld")).episodes[0]
+    assert episode.actions.ndim == 2 and episode.actions.shape[1] == 4 and episode.observations.shape[1] == 39
+    policy = json.loads(next((tmp_path / "stages").glob("train-kalm-s0-*/policy/config.json")).read_text())
+    assert policy["train"]["algo"] == "td3plusbc" and policy["imaginary_transitions"] > 0
