@@ -54,6 +54,9 @@ class PipelineConfig:
     collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=1600, epsilon=0.1))
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     imagine_levels: tuple[str, ...] = NOVEL_LEVELS
+    # (level, n) pairs overriding ``imagine.n`` for a level: one-push tasks are cheap to
+    # imagine (one step each) and multi-step ones are not
+    imagine_counts: tuple[tuple[str, int], ...] = ()
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240, keep_failures=False))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=5000))
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -174,7 +177,7 @@ def _ground(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real):
 def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded, level: str, model_cache: dict):
     from kalm.imagine.rollouts import imagine
 
-    imagine_config = replace(config.imagine, level=level)
+    imagine_config = replace(config.imagine, level=level, n=dict(config.imagine_counts).get(level, config.imagine.n))
 
     def build(work: Path):
         result = imagine(_model(grounded, spec, model_cache), spec, imagine_config)
@@ -282,7 +285,11 @@ def check_config(config: PipelineConfig) -> EnvSpec:
         config.collect.check(spec)
     except (TypeError, ValueError) as exc:  # TypeError: a mistyped value compared with a number
         raise ValueError(f"config field 'collect': {exc}") from None
-    unknown = [level for level in config.imagine_levels if level not in spec.levels]
+    for pair in config.imagine_counts:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], int)
+                and not isinstance(pair[1], bool) and pair[1] >= 1):
+            raise ValueError(f"config field 'imagine_counts': expected [level, n >= 1] pairs, got {list(pair) if isinstance(pair, tuple) else pair!r}")
+    unknown = [level for level in (*config.imagine_levels, *dict(config.imagine_counts)) if level not in spec.levels]
     if unknown:
         raise ValueError(f"config field 'imagine_levels': unknown level {unknown[0]!r} "
                          f"(levels: {', '.join(spec.levels)})")

@@ -456,6 +456,9 @@ def test_ground_refuses_an_encoder_as_backbone(tmp_path, good_data):
     (b'{"collect": {"episodes": -1}}', "episodes must be >= 1"),
     (b'{"collect": {"epsilon": 2.0}}', "epsilon must be in [0, 1]"),
     (b'{"imagine_levels": ["nope"]}', "unknown level 'nope'"),
+    (b'{"imagine_counts": [["easy"]]}', "imagine_counts': expected [level, n >= 1] pairs"),
+    (b'{"imagine_counts": [["easy", 0]]}', "imagine_counts': expected [level, n >= 1] pairs"),
+    (b'{"imagine_counts": [["nope", 5]]}', "unknown level 'nope'"),
     (b'{"env": "nope"}', "unknown environment 'nope'"),
     (b'{"eval_episodes": 0}', "eval_episodes"),
 ], ids=lambda v: v.decode("latin-1")[:30] if isinstance(v, bytes) else None)
