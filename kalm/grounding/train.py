@@ -128,9 +128,10 @@ class GroundingConfig:
 class GroundingObjective(torch.nn.Module):
     """The losses of one batch; a module so DDP/DeepSpeed see every parameter used.
 
-    state: MSE of the predicted change in units of the per-step change; action: CE
-    (discrete) or MSE of normalised actions; done: BCE; text: CE on instruction
-    tokens. The LM head runs only where text is supervised.
+    state: MSE of the predicted change in units of the per-step change (of the state
+    spread for goal states); action: CE (discrete) or MSE of normalised actions;
+    done: BCE; text: CE on instruction tokens. The LM head runs only where text is
+    supervised.
     """
 
     def __init__(self, model: GroundedLM):
@@ -144,7 +145,12 @@ class GroundingObjective(torch.nn.Module):
         losses: dict[str, torch.Tensor] = {}
         sm = batch["state_mask"]
         if sm.any():
-            target = (batch["state_targets"][sm] - batch["state_reference"][sm]) / m.io.delta_std
+            # a goal is many steps away from s_0: its change is measured in units of the
+            # state's spread, not of one step's change (on Meta-World an episode's change
+            # is hundreds of step-units and its squared error would swamp every other loss)
+            is_goal = torch.tensor([t == "goal" for t in batch["tasks"]], device=sm.device)[sm.nonzero()[:, 0]]
+            unit = torch.where(is_goal[:, None], m.io.state_std, m.io.delta_std)
+            target = (batch["state_targets"][sm] - batch["state_reference"][sm]) / unit
             losses["state"] = torch.nn.functional.mse_loss(m.predict_state_change(hidden[sm]), target)
         am = batch["action_mask"]
         if am.any():
