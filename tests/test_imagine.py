@@ -190,3 +190,31 @@ def test_imagine_command_writes_a_dataset_and_its_statistics(tiny_model, tmp_pat
                                        "--out", str(tmp_path / "x.h5")])
     assert refused.exit_code == 2 and "unknown level 'medium'" in refused.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_replaying_imagined_rollouts_counts_real_successes():
+    from dataclasses import replace as dc_replace
+
+    from kalm.data.episodes import EpisodeDataset
+    from kalm.evaluation.imagined import replay_imagined
+
+    spec = get_spec("clevr")
+    env = spec.make_env()
+    task = Relation("red", "blue", "left")
+    obs, _ = env.reset(seed=3, options={"task": task})
+    expert = spec.make_expert(env)
+    states, actions = [obs], []
+    for _ in range(spec.horizon(task)):
+        action = expert(obs, task, env.unwrapped.start_state)
+        obs, _, terminated, truncated, info = env.step(action)
+        states.append(obs)
+        actions.append(action)
+        if terminated or truncated:
+            break
+    assert info["success"]
+    real, _ = label_rollout(spec, task, "put red left of blue", np.array(states), np.array(actions), "sparse")
+    # the same imagined states, but actions that push another ball: not real on replay
+    wrong = dc_replace(real, actions=np.full_like(real.actions, 4 * 8 + 2))
+    stats = replay_imagined(spec, EpisodeDataset(env="clevr", episodes=(real, wrong), metadata={}))
+    assert stats == {"replayed": 2, "real_success": 1, "not_replayable": 0, "real_success_share": 0.5}
+    assert replay_imagined(spec, None)["real_success_share"] is None
