@@ -98,7 +98,28 @@ def explanation_accuracy(model, spec, sampler: ExampleSampler, batch_size: int =
                 samples.append({"generated": text, "task": ep.task_json, "correct": bool(ok)})
     n = max(len(episodes), 1)
     return {"explanation_accuracy": correct / n, "explanation_achieved": achieved / n,
-            "explanation_episodes": len(episodes), "explanation_samples": samples}
+            "explanation_episodes": len(episodes), **explanation_ambiguity(spec, sampler, episodes),
+            "explanation_samples": samples}
+
+
+def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
+    """How many training tasks each explained window achieves (false at its first state,
+    true at its last), and the exact-match accuracy of naming one of them at random.
+
+    Why: exact accuracy asks for *the* task the expert was given, but one trajectory
+    often achieves several; this puts the measured accuracy next to what guessing
+    among the achieved tasks would score."""
+    tasks = list(spec.training_tasks())
+    counts, chance = [], []
+    for ep in episodes:
+        obs, _ = sampler.explanation_window(ep)
+        achieved = [t for t in tasks if t.success(obs[-1], obs[0]) and not t.success(obs[0], obs[0])]
+        counts.append(len(achieved))
+        hit = any(t.to_json() == ep.task.to_json() for t in achieved)
+        chance.append(1.0 / len(achieved) if hit else 0.0)
+    if not counts:
+        return {}
+    return {"explanation_tasks_achieved": float(np.mean(counts)), "explanation_chance_among_achieved": float(np.mean(chance))}
 
 
 @torch.no_grad()
