@@ -19,6 +19,7 @@ import torch
 
 
 def _machine() -> str:
+    import kalm.offline  # noqa: F401  (silences the gym notice that importing d3rlpy prints)
     import d3rlpy
     import mujoco
     import transformers
