@@ -200,6 +200,15 @@ def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded,
 
 
 def _model(grounded, spec: EnvSpec, model_cache: dict):
+    """The grounded model (loaded once per run, LoRA merged), with torch threads set for
+    the stage about to use it: the grounding stage sets them only when it runs, not
+    when it is read from the cache."""
+    import torch
+
+    from kalm.threads import free_cores
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(free_cores())
     if "model" not in model_cache:
         from kalm.grounding.model import GroundedLM
 

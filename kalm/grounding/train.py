@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from kalm.data.files import write_atomic, write_json_atomic
+from kalm.threads import free_cores
 from kalm.grounding.backbone import resolve_backbone
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
 from kalm.grounding.evaluate import dynamics_mse, explanation_accuracy, generation_success
@@ -91,7 +92,7 @@ class GroundingConfig:
     eval_batch_size: int = 32
     explanation_max_tokens: int = 32
     generation_max_steps: int = 0  # 0: twice max_trajectory_steps, capped by the env horizon
-    num_threads: int = 0  # 0: the cores not already busy (see _free_cores)
+    num_threads: int = 0  # 0: the cores not already busy (kalm.threads.free_cores)
 
     def __post_init__(self):
         if self.finetune not in ("lora", "full"):
@@ -183,46 +184,6 @@ def _precision(config: GroundingConfig) -> str:
     except OSError:
         return "fp32"
     return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
-
-
-def _free_cores(window_s: float = 0.5) -> int:
-    """Cores not busy with other work right now (at least one).
-
-    On a shared CPU, torch threads that outnumber the idle cores spin against each
-    other: measured 10x slower steps with 2 threads beside one busy process. The idle
-    share is sampled from ``/proc/stat`` over a short window rather than read from the
-    1-minute load average, which still counts this process's own previous stage
-    (in ``kalm run`` the collection that just ended made grounding take one core).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = _busy_cores(window_s)
-    if busy is None:
-        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, cores - int(round(busy))))
-
-
-def _busy_cores(window_s: float) -> float | None:
-    """Cores' worth of CPU time used by everything during ``window_s`` (Linux only)."""
-
-    def sample() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                values = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values), idle
-
-    first = sample()
-    if first is None:
-        return None
-    time.sleep(window_s)
-    second = sample()
-    total, idle = second[0] - first[0], second[1] - first[1]
-    if total <= 0:
-        return None
-    cores = os.cpu_count() or 1
-    return (1.0 - idle / total) * cores
 
 
 def _optimizer(model: GroundedLM, config: GroundingConfig) -> torch.optim.Optimizer:
@@ -326,7 +287,7 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     if llm is None:
         resolve_backbone(backbone)  # a bad --llm is named before anything else starts
     if not torch.cuda.is_available():
-        torch.set_num_threads(config.num_threads or _free_cores())
+        torch.set_num_threads(config.num_threads or free_cores())
     precision = _precision(config)
     accelerator = _accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
