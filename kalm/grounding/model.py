@@ -344,8 +344,8 @@ class GroundedLM(nn.Module):
 
     def predict_goal_state(self, hidden: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
         """The final state of the instruction's episode (read where the goal prompt
-        ends): ``initial_state`` plus a change in units of the state's spread."""
-        return initial_state.float() + self.predict_state_change(hidden) * self.io.state_std
+        ends): ``initial_state`` plus the predicted change (per-step units, as trained)."""
+        return self.predict_state(hidden, initial_state)
 
     def predict_done(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logit that the episode ends at this state (read at an ``s_t`` position)."""

@@ -129,10 +129,9 @@ class GroundingConfig:
 class GroundingObjective(torch.nn.Module):
     """The losses of one batch; a module so DDP/DeepSpeed see every parameter used.
 
-    state: MSE of the predicted change in units of the per-step change (of the state
-    spread for goal states); action: CE (discrete) or MSE of normalised actions;
-    done: BCE; text: CE on instruction tokens. The LM head runs only where text is
-    supervised.
+    state: MSE of the predicted change in units of the per-step change; action: CE
+    (discrete) or MSE of normalised actions; done: BCE; text: CE on instruction
+    tokens. The LM head runs only where text is supervised.
     """
 
     def __init__(self, model: GroundedLM):
@@ -146,12 +145,13 @@ class GroundingObjective(torch.nn.Module):
         losses: dict[str, torch.Tensor] = {}
         sm = batch["state_mask"]
         if sm.any():
-            # a goal is many steps away from s_0: its change is measured in units of the
-            # state's spread, not of one step's change (on Meta-World an episode's change
-            # is hundreds of step-units and its squared error would swamp every other loss)
-            is_goal = torch.tensor([t == "goal" for t in batch["tasks"]], device=sm.device)[sm.nonzero()[:, 0]]
-            unit = torch.where(is_goal[:, None], m.io.state_std, m.io.delta_std)
-            target = (batch["state_targets"][sm] - batch["state_reference"][sm]) / unit
+            # One unit for every state target, the goal's too (its change from s_0 in
+            # per-step units). Measured on CLEVR-Robot: measuring the goal in units of the
+            # state's spread instead (same seed and batches) dropped held-out dynamics
+            # from 7.0x to 3.3x better than copying; the shared head then had to emit two
+            # scales. On Meta-World the goal's per-step units make its loss ~1000x the
+            # others (a separate goal head is the fix still to measure).
+            target = (batch["state_targets"][sm] - batch["state_reference"][sm]) / m.io.delta_std
             losses["state"] = torch.nn.functional.mse_loss(m.predict_state_change(hidden[sm]), target)
         am = batch["action_mask"]
         if am.any():
