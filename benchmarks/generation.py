@@ -55,9 +55,16 @@ def _time(model, texts, starts, steps: int, use_cache: bool, repeats: int):
 
 def run(model, lengths: Sequence[int] = (10, 25, 50), batches: Sequence[int] = (1, 8, 32), repeats: int = 3,
         recompute_budget_s: float = 240.0) -> tuple[str, list[dict]]:
+    """See :func:`_run`; gradients are off only inside (the offline benchmark that
+    follows in the same process trains networks)."""
+    with torch.no_grad():
+        return _run(model, lengths, batches, repeats, recompute_budget_s)
+
+
+def _run(model, lengths: Sequence[int], batches: Sequence[int], repeats: int,
+         recompute_budget_s: float) -> tuple[str, list[dict]]:
     """A markdown table and the rows. The recompute baseline is skipped for a cell once
     the budget is spent (its time grows with T squared); the table says so."""
-    torch.set_grad_enabled(False)
     rows, spent = [], 0.0
     for batch in batches:
         texts, starts = _prompts(batch)
