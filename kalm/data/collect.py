@@ -21,15 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kalm.data.episodes import (
-    DatasetError,
-    Episode,
-    EpisodeDataset,
-    load_episodes,
-    make_dirs,
-    raise_naming,
-    save_episodes,
-)
+from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, save_episodes
+from kalm.data.files import make_dirs, raise_naming
 from kalm.envs.spec import EnvSpec
 
 

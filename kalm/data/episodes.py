@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import gymnasium as gym
 import h5py
 import numpy as np
 
+from kalm.data.files import write_atomic
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec, TaskSpecError
 
@@ -186,83 +186,14 @@ class EpisodeDataset:
 
 
 # ----------------------------------------------------------------------------- writing
-def make_dirs(directory: str | Path) -> Path:
-    """``mkdir -p`` that names the culprit when a file stands where a directory must go
-    (``mkdir`` itself reports a bare "File exists" for it)."""
-    directory = Path(directory)
-    for ancestor in (directory, *directory.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise NotADirectoryError(f"cannot create {directory}: {ancestor} is a file, not a directory")
-            break
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A unique hidden name next to ``path`` that records the writer's pid, so a later
-    writer can tell a dead writer's leftover from a live one's work in progress."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def raise_naming(exc: OSError, path: Path) -> NoReturn:
-    """Re-raise ``exc``, naming ``path`` when it names no file (a failed ``write()``:
-    disk full, file too large), so the one-line error says which output failed."""
-    if exc.filename is None:
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
-    raise exc
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporaries of ``path`` left by writers that were killed (their pid
-    is gone); they were never renamed into place, so nothing read them."""
-    prefix = f".{path.name}."
-    try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
-    except OSError:
-        return
-    for candidate in candidates:
-        parts = candidate.name[len(prefix):].split(".")
-        if len(parts) != 3 or not parts[0].isdigit():
-            continue
-        pid = int(parts[0])
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            candidate.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
 def save_episodes(dataset: EpisodeDataset, path: str | os.PathLike) -> Path:
-    """Write ``dataset`` to ``path`` atomically and return the path.
-
-    The file is written under a temporary name in the same directory, flushed to disk
-    and then renamed over ``path``; a crash at any point leaves either the old file or
-    nothing at ``path``, never a half-written one that might load.
-    """
+    """Write ``dataset`` to ``path`` atomically (:func:`kalm.data.files.write_atomic`)
+    and return the path: a crash at any point leaves either the old file or nothing at
+    ``path``, never a half-written one that might load."""
     if not isinstance(dataset, EpisodeDataset):
         raise DatasetError(f"save_episodes: expected an EpisodeDataset, got {type(dataset).__name__}")
     path = Path(path)
-    make_dirs(path.parent)
-    remove_stale_temporaries(path)
-    # A unique sibling name (not mkstemp, whose 0600 mode would stick to the result).
-    tmp = temporary_sibling(path)
-    image = _hdf5_image(dataset, tmp.name)
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(image)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise_naming(exc, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; left by any failure before it
-    _fsync_directory(path.parent)
-    return path
+    return write_atomic(path, lambda f: f.write(_hdf5_image(dataset, path.name)))
 
 
 def _hdf5_image(dataset: EpisodeDataset, name: str) -> bytes:
@@ -289,20 +220,6 @@ def _hdf5_image(dataset: EpisodeDataset, name: str) -> bytes:
         f.create_dataset("tasks", data=task_json, dtype=_STRING_DTYPE)
         f.flush()
         return f.id.get_file_image()
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories can't be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- reading

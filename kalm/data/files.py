@@ -6,11 +6,74 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
-from kalm.data.episodes import make_dirs, raise_naming, remove_stale_temporaries, temporary_sibling
+
+def make_dirs(directory: str | Path) -> Path:
+    """``mkdir -p`` that names the culprit when a file stands where a directory must go
+    (``mkdir`` itself reports a bare "File exists" for it)."""
+    directory = Path(directory)
+    for ancestor in (directory, *directory.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"cannot create {directory}: {ancestor} is a file, not a directory")
+            break
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A unique hidden name next to ``path`` that records the writer's pid, so a later
+    writer can tell a dead writer's leftover from a live one's work in progress."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def raise_naming(exc: OSError, path: Path) -> NoReturn:
+    """Re-raise ``exc``, naming ``path`` when it names no file (a failed ``write()``:
+    disk full, file too large), so the one-line error says which output failed."""
+    if exc.filename is None:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+    raise exc
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of ``path`` left by writers that were killed (their pid
+    is gone); they were never renamed into place, so nothing read them."""
+    prefix = f".{path.name}."
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return
+    for candidate in candidates:
+        parts = candidate.name[len(prefix):].split(".")
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            candidate.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories can't be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -37,6 +100,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
         raise_naming(exc, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; left by any failure before it
+    _fsync_directory(path.parent)
     return path
 
 
