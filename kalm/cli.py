@@ -261,9 +261,11 @@ def evaluate_cmd(
 
 @app.command()
 def run(
-    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-tiny) or a JSON file of overrides."),
+    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-gpu, clevr-tiny, metaworld-default) or a JSON file of overrides."),
     out: Path = typer.Option(Path("runs/clevr-default"), help="Run directory (stages are cached and resumed there)."),
     llm: str = typer.Option(None, help="Override the backbone: a local Hugging Face causal-LM directory or 'smollm2'."),
+    grounded_model: Path = typer.Option(None, help="Adopt this grounded model/ directory (from `kalm ground`, e.g. "
+                                                   "run on a GPU) instead of grounding in this run."),
 ) -> None:
     """Run the whole KALM experiment: collect, ground, imagine, train, evaluate, report."""
     try:
@@ -275,6 +277,8 @@ def run(
         resolved = load_config(config)
         if llm:
             resolved = replace(resolved, llm=llm)
+        if grounded_model:
+            resolved = replace(resolved, grounded_model=str(grounded_model))
         report = run_pipeline(resolved, out)
     except (ValueError, OSError, RunLockedError) as exc:
         _fail(exc)

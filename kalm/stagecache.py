@@ -34,6 +34,20 @@ def stage_key(name: str, config: Mapping[str, Any], inputs: Mapping[str, str] | 
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def directory_digest(directory: str | os.PathLike) -> str:
+    """A hash of every file's relative path and bytes under ``directory``: the key of
+    an input that comes from outside the pipeline (a model grounded elsewhere)."""
+    root = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class StageOutput:
     name: str

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from kalm.pipeline import PRESETS, load_config, run_pipeline
+from kalm.pipeline import PRESETS, _ground, check_config, load_config, run_pipeline
+from kalm.stagecache import StageCache
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,23 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path)
     run_pipeline(config, tmp_path)  # everything cached: nothing is rebuilt
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()} == before
 
+    grounded = next((tmp_path / "stages").glob("ground-*"))
+    _check_adopting_a_grounded_model(config, grounded, tmp_path / "adopt")
+
     changed = replace(config, train=replace(config.train, steps=30))
     run_pipeline(changed, tmp_path)  # only policy training and what follows is redone
     new = {p.name for p in (tmp_path / "stages").iterdir()} - set(before)
     assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "showcase")) for n in new)
+
+
+def test_every_clevr_preset_is_a_valid_config():
+    for name in PRESETS:
+        config = load_config(name)
+        if config.env == "clevr":
+            assert check_config(config).name == "clevr"
+    gpu, default = load_config("clevr-gpu"), load_config("clevr-default")
+    assert gpu.grounding.steps * gpu.grounding.batch_tokens >= 10 * default.grounding.steps * default.grounding.batch_tokens
+    assert (gpu.train, gpu.seeds, gpu.imagine_counts) == (default.train, default.seeds, default.imagine_counts)
 
 
 def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
@@ -48,3 +62,26 @@ def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
         load_config(str(bad))
     with pytest.raises(ValueError, match="not a preset"):
         load_config("clevr-huge")
+
+
+def _check_adopting_a_grounded_model(config, grounded, out):
+    """A model grounded elsewhere (``grounded_model``) becomes the ground stage: copied
+    byte for byte, its metrics as the stage summary, keyed by content."""
+    adopted = replace(config, grounded_model=str(grounded / "model"), llm="no/such/model")
+    spec = check_config(adopted)  # llm is not consulted when a grounded model is given
+    stage = _ground(StageCache(out), spec, adopted, real=None)
+    files = sorted(p.relative_to(grounded / "model") for p in (grounded / "model").rglob("*") if p.is_file())
+    assert files and all((stage.path / "model" / f).read_bytes() == (grounded / "model" / f).read_bytes()
+                         for f in files)
+    summary = json.loads((stage.path / "stage.json").read_text())["summary"]
+    assert summary["steps"] == json.loads((grounded / "metrics.json").read_text())["steps"]
+    assert _ground(StageCache(out), spec, adopted, real=None).cached
+
+    with pytest.raises(ValueError, match="grounded_model.*not a grounded model directory"):
+        check_config(replace(config, grounded_model=str(out / "missing")))
+    meta = json.loads((grounded / "model" / "grounding_config.json").read_text())
+    foreign = out / "foreign"
+    foreign.mkdir()
+    (foreign / "grounding_config.json").write_text(json.dumps({**meta, "state_dim": 39}))
+    with pytest.raises(ValueError, match="grounded_model.*state_dim 39"):
+        check_config(replace(config, grounded_model=str(foreign)))
