@@ -113,6 +113,8 @@ def ground(
     llm: str = typer.Option("smollm2", help="A local causal-LM directory, or 'smollm2' (the embedded model)."),
     out: Path = typer.Option(..., help="Run directory: model/, metrics.json, checkpoints/."),
     lora: bool = typer.Option(True, "--lora/--full", help="LoRA adapters (default) or full fine-tuning."),
+    preset: str = typer.Option(None, help="Start from the grounding settings of a `kalm run` preset, e.g. clevr-gpu "
+                                          "(default: GroundingConfig's, which are clevr-default's)."),
     steps: int = typer.Option(None, help="Optimizer steps (default: GroundingConfig.steps)."),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints, 0: none (default: GroundingConfig's)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: the idle cores). Results depend on it in the "
@@ -129,7 +131,12 @@ def ground(
         from kalm.grounding.train import GroundingConfig, train_grounding
 
         spec = get_spec(env)
-        config = GroundingConfig(finetune="lora" if lora else "full")
+        if preset:
+            from kalm.pipeline import load_config
+
+            config = dataclasses.replace(load_config(preset).grounding, finetune="lora" if lora else "full")
+        else:
+            config = GroundingConfig(finetune="lora" if lora else "full")
         if checkpoint_every is not None and checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {checkpoint_every}")
         if threads is not None and threads < 1:

@@ -60,9 +60,9 @@ class PipelineConfig:
     collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=1600, epsilon=0.1))
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     imagine_levels: tuple[str, ...] = NOVEL_LEVELS
-    # (level, n) pairs overriding ``imagine.n`` for a level. Only about 7 % of rollouts
-    # reach their goal in imagination, so volume matters; one-push (easy) rollouts are
-    # one step each and cheap, multi-push ones are not.
+    # (level, n) pairs overriding ``imagine.n`` for a level. A quarter to a third of the
+    # rollouts reach their goal in imagination (none for hard tasks), so volume matters;
+    # one-push (easy) rollouts are one step each and cheap, multi-push ones are not.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 480), ("easy", 1920), ("hard", 120))
     # physics_filter: of the kept rephrase rollouts, 63 % of the plausible ones were real
     # successes on replay against 22 % of those with an implausible transition (measured).

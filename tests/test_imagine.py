@@ -80,6 +80,18 @@ def test_action_t_is_read_at_the_position_of_state_t(tiny_model):
             embeds = torch.cat([embeds, model.embed_states(torch.as_tensor(out.states[t + 1 : t + 2]))], dim=1)
 
 
+def test_carried_state_blocks_are_copied_from_the_previous_state(tiny_model):
+    """An env's carried_state (Meta-World's stacked frame) overrides the LLM's guess."""
+    starts = _starts(2, seed=5)
+    config = GenerationConfig(max_steps=5, stop_on_done=False)
+    free = generate_rollouts(tiny_model, ["Push the red ball left"] * 2, starts, config)
+    carried = generate_rollouts(tiny_model, ["Push the red ball left"] * 2, starts, config,
+                                carried_state=((6, 0, 4),))
+    for rollout in carried:
+        np.testing.assert_array_equal(rollout.states[1:, 6:10], rollout.states[:-1, 0:4])
+    assert any(not np.array_equal(r.states[1:, 6:10], r.states[:-1, 0:4]) for r in free)
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):
     instructions, starts = ["Nudge the blue ball forward"] * 4, _starts(4)
     config = GenerationConfig(max_steps=6, stop_on_done=False, temperature=2.0)

@@ -440,6 +440,29 @@ def test_ground_refuses_an_encoder_as_backbone(tmp_path, good_data):
     assert not (out / "model").exists()
 
 
+def test_ground_takes_a_presets_grounding_settings(tmp_path, good_data, tiny_backbone):
+    """``kalm ground --preset clevr-gpu`` grounds with that preset's settings (what
+    ``kalm run --config clevr-gpu`` would use); an unknown preset is named."""
+    import subprocess
+    import sys
+
+    from kalm.pipeline import load_config
+
+    def ground(*args):
+        return subprocess.run([sys.executable, "-m", "kalm.cli", "ground", "--data", str(good_data), "--llm",
+                               str(tiny_backbone), "--steps", "1", "--checkpoint-every", "0", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    done = ground("--preset", "clevr-huge", "--out", str(tmp_path / "bad"))
+    assert done.returncode == 2 and "unknown config 'clevr-huge'" in done.stderr, done.stderr
+    done = ground("--preset", "clevr-gpu", "--out", str(tmp_path / "g"))
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "g" / "grounding_config.json").read_text())
+    preset = load_config("clevr-gpu").grounding
+    assert saved["batch_tokens"] == preset.batch_tokens and saved["max_batch_size"] == preset.max_batch_size
+    assert saved["steps"] == 1
+
+
 @pytest.mark.parametrize("content, says", [
     (b"{oops", "not a JSON config"),
     (b"", "not a JSON config"),

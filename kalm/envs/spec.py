@@ -98,6 +98,10 @@ class EnvSpec:
             (the environment truncates there); ``None`` means ``max_episode_steps``.
         render_state: ``(state, size, caption) -> RGB uint8 image`` of a bare state,
             with no simulator behind it (imagined states are drawn with it).
+        carried_state: ``(destination, source, length)`` blocks of the next state that
+            are exact copies of the current state's (a stacked previous frame, a goal
+            fixed for the episode). Imagination copies them instead of trusting the
+            LLM's prediction, so an imagined state is consistent by construction.
         grounding_phrasings: optional ``task -> (training, validation)`` phrasings for
             grounding the LLM: the validation ones never appear in its training, so
             explanation accuracy is measured on unseen wordings. Raises ``ValueError``
@@ -125,6 +129,7 @@ class EnvSpec:
     grounding_phrasings: Callable[[Task], tuple[Sequence[str], Sequence[str]]] | None = None
     render_state: Callable[[np.ndarray, int, str | None], np.ndarray] | None = None
     task_horizon: Callable[[Task], int] | None = None
+    carried_state: tuple[tuple[int, int, int], ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def horizon(self, task: Task) -> int:

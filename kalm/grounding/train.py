@@ -80,8 +80,12 @@ class GroundingConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     io_hidden: int = 256
+    # Rollout generation gets 60 % of the micro-batches because imagination is what it
+    # feeds. Against (0.5, 3.0, 1.0, 0.5) at the same 300 CPU steps (measured on CLEVR):
+    # imagined rollouts reaching their goal 7 % -> 31 %, KALM easy success 23 % -> 63 %,
+    # explanation 12 % -> 4 % exact.
     task_weights: tuple[tuple[str, float], ...] = (
-        ("dynamics", 0.5), ("explanation", 3.0), ("generation", 1.0), ("goal", 0.5))
+        ("dynamics", 0.5), ("explanation", 1.0), ("generation", 3.0), ("goal", 0.5))
     max_trajectory_steps: int = 16
     validation_fraction: float = 0.1
     precision: str = "auto"  # auto | bf16 | fp32

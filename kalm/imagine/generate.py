@@ -84,6 +84,18 @@ class _Sequence:
         return hidden[:, -1]
 
 
+def carry_state(state: torch.Tensor, previous: torch.Tensor, blocks: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """``state`` with each ``(destination, source, length)`` block copied from
+    ``previous`` (an environment's ``carried_state``: parts of the next state that the
+    physics copies, like a stacked frame)."""
+    if not blocks:
+        return state
+    state = state.clone()
+    for destination, source, length in blocks:
+        state[:, destination : destination + length] = previous[:, source : source + length]
+    return state
+
+
 def _choose_actions(model, hidden: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     out = model.predict_action(hidden)
     if model.config.discrete:
@@ -100,7 +112,7 @@ def _choose_actions(model, hidden: torch.Tensor, temperature: float, generator: 
 @torch.no_grad()
 def _generate_batch(
     model, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
-    stop: StopFn | None, generator: torch.Generator, offset: int,
+    stop: StopFn | None, generator: torch.Generator, offset: int, carried: Sequence[tuple[int, int, int]],
 ) -> list[GeneratedRollout]:
     device = next(model.parameters()).device
     batch = len(instructions)
@@ -119,7 +131,7 @@ def _generate_batch(
             break
         action = _choose_actions(model, hidden, config.temperature, generator)
         hidden_at_action = seq.feed(model.embed_actions(action), config.use_cache)
-        state = model.predict_state(hidden_at_action, state)
+        state = carry_state(model.predict_state(hidden_at_action, state), state, carried)
         actions.append(action.cpu().numpy())
         states.append(state.cpu().numpy())
         if stop is not None:
@@ -146,12 +158,14 @@ def generate_rollouts(
     stop: StopFn | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    carried_state: Sequence[tuple[int, int, int]] = (),
 ) -> list[GeneratedRollout]:
     """Imagine one rollout per (instruction, initial state).
 
     ``stop(index, state)`` is asked after every generated state (``index`` into the
     inputs); returning True ends that rollout there, e.g. when the task's success
-    predicate holds on the imagined state.
+    predicate holds on the imagined state. ``carried_state`` blocks are copied from
+    each state into the next (see :func:`carry_state`).
     """
     initial_states = np.asarray(initial_states, dtype=np.float32)
     if len(instructions) != len(initial_states):
@@ -162,7 +176,8 @@ def generate_rollouts(
     for start in range(0, len(instructions), config.batch_size):
         end = min(start + config.batch_size, len(instructions))
         out += _generate_batch(
-            model, instructions[start:end], initial_states[start:end], config, stop, generator, start
+            model, instructions[start:end], initial_states[start:end], config, stop, generator, start,
+            carried_state,
         )
         if progress is not None:
             progress(end - start)

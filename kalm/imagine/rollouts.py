@@ -99,7 +99,7 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     bar = tqdm(total=len(instructions), desc=f"imagine {config.level}", unit="rollout", disable=not progress)
     generated = generate_rollouts(
         model, [i.text for i in instructions], starts, config.generation, stop=reached_goal, seed=config.seed,
-        progress=bar.update,
+        progress=bar.update, carried_state=spec.carried_state,
     )
     bar.close()
 

@@ -12,7 +12,12 @@ import numpy as np
 from kalm.envs.metaworld import language, tasks
 from kalm.envs.metaworld.env import ACTION_DIM, MAX_EPISODE_STEPS, SKILL_HORIZON, STATE_DIM, MetaWorldEnv
 from kalm.envs.metaworld.expert import make_expert
-from kalm.envs.metaworld.plausibility import MAX_STEP_DISPLACEMENT, state_bounds, transition_violations
+from kalm.envs.metaworld.plausibility import (
+    CARRIED_STATE,
+    MAX_STEP_DISPLACEMENT,
+    state_bounds,
+    transition_violations,
+)
 from kalm.envs.metaworld.render import render_schematic
 from kalm.envs.metaworld.rewards import REWARDS
 
@@ -52,6 +57,7 @@ def make_spec():
         render_state=render_schematic,
         task_horizon=lambda task: tasks.task_horizon(task, SKILL_HORIZON),
         grounding_phrasings=language.grounding_phrasings,
+        carried_state=CARRIED_STATE,
     )
 
 

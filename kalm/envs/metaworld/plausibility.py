@@ -39,6 +39,13 @@ QUAT_TOLERANCE = 0.02
 FRAME_TOLERANCE = 1e-4
 GOAL_TOLERANCE = 1e-4
 
+# What the physics copies from one observation into the next, as (destination, source,
+# length): the previous-frame block is the current frame, the goal is fixed for the
+# episode, and the second object slot stays empty. Imagination copies these rather than
+# trusting the LLM (EnvSpec.carried_state), so frame_mismatch, goal_moved and
+# second_object cannot fire on imagined states.
+CARRIED_STATE = ((18, 0, 18), (36, 36, 3), (11, 11, 7))
+
 CHECKS = ("off_workbench", "too_far", "bad_gripper", "bad_pose", "second_object", "frame_mismatch",
           "goal_moved", "non_finite")
 
