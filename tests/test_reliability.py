@@ -440,6 +440,15 @@ def test_ground_refuses_an_encoder_as_backbone(tmp_path, good_data):
     assert not (out / "model").exists()
 
 
+def test_run_refuses_a_grounded_model_that_is_not_one(tmp_path):
+    """``kalm run --grounded-model`` checks the directory before any stage starts."""
+    out = tmp_path / "run"
+    missing = tmp_path / "no-model"
+    refused("run", "--config", "clevr-tiny", "--grounded-model", missing, "--out", out, names=missing,
+            says="not a grounded model directory")
+    assert not (out / "stages").exists()
+
+
 def test_ground_takes_a_presets_grounding_settings(tmp_path, good_data, tiny_backbone):
     """``kalm ground --preset clevr-gpu`` grounds with that preset's settings (what
     ``kalm run --config clevr-gpu`` would use); an unknown preset is named."""
