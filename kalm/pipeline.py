@@ -27,6 +27,7 @@ import numpy as np
 
 from kalm.data.collect import CollectConfig, collect_to_file
 from kalm.data.episodes import load_episodes, save_episodes
+from kalm.data.files import read_json
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
 from kalm.evaluation.evaluate import evaluate, resolve_levels
@@ -216,7 +217,7 @@ def _adopt_grounded(cache: StageCache, spec: EnvSpec, source: Path):
         shutil.copytree(source, work / "model")
         GroundedLM.load(work / "model", spec)  # a damaged copy is refused before the stage is trusted
         metrics = source.parent / "metrics.json"
-        summary = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        summary = read_json(metrics, "grounding metrics") if metrics.is_file() else {}
         return {**summary, "adopted_from": str(source.resolve())}
 
     return cache.run("ground", {"grounded_model": directory_digest(source)}, build)

@@ -15,11 +15,9 @@ import time
 def free_cores(window_s: float = 0.5) -> int:
     """Cores not busy with other work right now (at least one).
 
-    On a shared CPU, torch threads that outnumber the idle cores spin against each
-    other: measured 10x slower steps with 2 threads beside one busy process. The idle
-    share is sampled from ``/proc/stat`` over a short window rather than read from the
-    1-minute load average, which still counts this process's own previous stage
-    (in ``kalm run`` the collection that just ended made grounding take one core).
+    The idle share is sampled from ``/proc/stat`` over a short window rather than read
+    from the 1-minute load average, which still counts this process's own previous
+    stage (in ``kalm run`` the collection that just ended made grounding take one core).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = _busy_cores(window_s)

@@ -342,11 +342,6 @@ class GroundedLM(nn.Module):
         """The next state in raw units: ``previous_state`` plus the predicted change."""
         return previous_state.float() + self.predict_state_change(hidden) * self.io.delta_std
 
-    def predict_goal_state(self, hidden: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
-        """The final state of the instruction's episode (read where the goal prompt
-        ends): ``initial_state`` plus the predicted change (per-step units, as trained)."""
-        return self.predict_state(hidden, initial_state)
-
     def predict_done(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logit that the episode ends at this state (read at an ``s_t`` position)."""
         return self.io.done_head(hidden.float()).squeeze(-1)

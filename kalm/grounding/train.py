@@ -50,12 +50,12 @@ from pathlib import Path
 import torch
 
 from kalm.data.files import write_atomic, write_json_atomic
-from kalm.threads import free_cores
 from kalm.grounding.backbone import resolve_backbone
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
 from kalm.grounding.evaluate import dynamics_mse, explanation_accuracy, generation_success
 from kalm.grounding.model import DEFAULT_LORA_TARGETS, GroundedLM, GroundedLMConfig, NormStats
 from kalm.grounding.prompts import IGNORE_INDEX, TASKS, collate
+from kalm.threads import free_cores
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
