@@ -161,8 +161,9 @@ def imagine(
     max_steps: int = typer.Option(None, help="Longest rollout (T)."),
     batch_size: int = typer.Option(None, help="Rollouts generated together."),
     keep_failures: bool = typer.Option(None, "--keep-failures/--drop-failures",
-                                       help="Keep rollouts that never reach the goal (zero reward)."),
-    physics_filter: bool = typer.Option(False, "--physics-filter", help="Drop rollouts with implausible moves."),
+                                       help="Keep rollouts that never reach the goal, with zero reward (default: drop)."),
+    physics_filter: bool = typer.Option(None, "--physics-filter/--no-physics-filter",
+                                        help="Drop rollouts with implausible moves (default: on)."),
     explain_back: bool = typer.Option(False, "--explain-back",
                                       help="Keep only rollouts the LLM explains back as their task."),
 ) -> None:
@@ -184,9 +185,10 @@ def imagine(
         base = ImagineConfig()
         generation = dataclasses.replace(base.generation, **{k: v for k, v in dict(
             temperature=temperature, max_steps=max_steps, batch_size=batch_size).items() if v is not None})
-        config = dataclasses.replace(base, level=level, n=n, seed=seed, physics_filter=physics_filter,
-                                     explain_back=explain_back, generation=generation,
-                                     keep_failures=base.keep_failures if keep_failures is None else keep_failures)
+        chosen = {k: v for k, v in dict(keep_failures=keep_failures, physics_filter=physics_filter).items()
+                  if v is not None}
+        config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back,
+                                     generation=generation, **chosen)
         result = run_imagine(grounded, spec, config)
         stats_path = out.with_name(out.name + ".stats.json")
         if result.dataset is None:

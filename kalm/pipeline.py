@@ -65,10 +65,7 @@ class PipelineConfig:
     # rollouts reach their goal in imagination (none for hard tasks), so volume matters;
     # one-push (easy) rollouts are one step each and cheap, multi-push ones are not.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 480), ("easy", 1920), ("hard", 120))
-    # physics_filter: of the kept rephrase rollouts, 63 % of the plausible ones were real
-    # successes on replay against 22 % of those with an implausible transition (measured).
-    imagine: ImagineConfig = field(
-        default_factory=lambda: ImagineConfig(n=240, keep_failures=False, physics_filter=True))
+    imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
     # imaginary_ratio 0.1, not the paper's 0.5: with a few hundred imagined rollouts
     # against 1,600 real episodes, half of every batch repeats them ~2,000 times each
     # and the policy lost 17-20 points on seen tasks (measured, see the README).
@@ -91,7 +88,8 @@ def _tiny() -> PipelineConfig:
         grounding=replace(GroundingConfig(), steps=4, checkpoint_every=2, eval_episodes=4, eval_batch_size=4,
                           warmup_steps=1, max_batch_size=8, precision="fp32"),
         imagine_counts=(),
-        imagine=ImagineConfig(n=6, keep_failures=True, generation=GenerationConfig(max_steps=4, batch_size=6)),
+        imagine=ImagineConfig(n=6, keep_failures=True, physics_filter=False,
+                              generation=GenerationConfig(max_steps=4, batch_size=6)),
         train=TrainConfig(algo="bc", steps=40, checkpoint_every=20),
         seeds=(0,),
         eval_episodes=4,
@@ -109,7 +107,9 @@ def _metaworld() -> PipelineConfig:
         env="metaworld",
         collect=CollectConfig(episodes=400, epsilon=0.1, chunk_size=50),
         imagine_counts=(),
-        imagine=ImagineConfig(n=96, keep_failures=False, generation=GenerationConfig(max_steps=60, batch_size=16)),
+        # No physics filter: every imagined Meta-World rollout so far breaks some check
+        # (the gripper opening, mostly), so it would leave nothing to measure.
+        imagine=ImagineConfig(n=96, physics_filter=False, generation=GenerationConfig(max_steps=60, batch_size=16)),
         train=TrainConfig(algo="td3plusbc", steps=5000),
         eval_episodes=40,
         llm_policy_episodes=4,

@@ -432,7 +432,8 @@ IMAGINE_N = 96
 
 def _imagine_args(model: Path, out: Path) -> tuple:
     return ("imagine", "--model", model, "--level", "rephrase", "--n", IMAGINE_N, "--batch-size", 4,
-            "--max-steps", 12, "--temperature", 1.0, "--keep-failures", "--seed", 3, "--out", out)
+            "--max-steps", 12, "--temperature", 1.0, "--keep-failures", "--no-physics-filter", "--seed", 3,
+            "--out", out)
 
 
 def _stats(out: Path) -> Path:

@@ -148,13 +148,14 @@ def test_prompts_cycle_the_level_tasks_with_admissible_starts():
 
 def test_imagine_writes_labelled_episodes_with_provenance(tiny_model):
     spec = get_spec("clevr")
-    config = ImagineConfig(level="easy", n=6, seed=0, generation=GenerationConfig(max_steps=5))
+    config = ImagineConfig(level="easy", n=6, seed=0, keep_failures=True, physics_filter=False,
+                           generation=GenerationConfig(max_steps=5))
     result = imagine(tiny_model, spec, config, progress=False)
     assert result.stats["counts"]["generated"] == 6
     assert result.dataset.metadata["source"] == "imagined"
     for episode in result.dataset.episodes:
         assert episode.task["kind"] == "push" and 1 <= episode.length <= 5
-    strict = ImagineConfig(level="easy", n=6, keep_failures=False, generation=GenerationConfig(max_steps=5))
+    strict = ImagineConfig(level="easy", n=6, generation=GenerationConfig(max_steps=5))
     result = imagine(tiny_model, spec, strict, progress=False)
     counts = result.stats["counts"]
     assert counts["kept"] == counts["succeeded"]
@@ -190,7 +191,7 @@ def test_imagine_command_writes_a_dataset_and_its_statistics(tiny_model, tmp_pat
     tiny_model.save(tmp_path / "model")
     out = tmp_path / "easy.h5"
     args = ["imagine", "--model", str(tmp_path / "model"), "--level", "easy", "--n", "6", "--out", str(out),
-            "--max-steps", "3", "--temperature", "1.0", "--keep-failures"]
+            "--max-steps", "3", "--temperature", "1.0", "--keep-failures", "--no-physics-filter"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     episodes = load_episodes(out, get_spec("clevr")).episodes
@@ -202,6 +203,31 @@ def test_imagine_command_writes_a_dataset_and_its_statistics(tiny_model, tmp_pat
                                        "--out", str(tmp_path / "x.h5")])
     assert refused.exit_code == 2 and "unknown level 'medium'" in refused.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_imagine_command_defaults_are_the_config_defaults(tiny_model, tmp_path, monkeypatch):
+    """Without flags the command keeps what the pipeline keeps: plausible rollouts that
+    reach their goal; each flag overrides one field."""
+    from typer.testing import CliRunner
+
+    import kalm.imagine.rollouts as rollouts
+    from kalm.cli import app
+
+    tiny_model.save(tmp_path / "model")
+    seen = []
+
+    def capture(model, spec, config, progress=True):
+        seen.append(config)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(rollouts, "imagine", capture)
+    base = ["imagine", "--model", str(tmp_path / "model"), "--level", "easy", "--out", str(tmp_path / "x.h5")]
+    for extra in ([], ["--keep-failures", "--no-physics-filter"]):
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2 and "captured" in result.output
+    assert (seen[0].keep_failures, seen[0].physics_filter) == (False, True) == (
+        ImagineConfig().keep_failures, ImagineConfig().physics_filter)
+    assert (seen[1].keep_failures, seen[1].physics_filter) == (True, False)
 
 
 def test_replaying_imagined_rollouts_counts_real_successes():

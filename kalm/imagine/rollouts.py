@@ -24,8 +24,12 @@ class ImagineConfig:
     """What to imagine and what to keep.
 
     ``keep_failures``: rollouts that never reach the goal stay in the data with zero
-    success reward (they still show plausible motion) or are dropped.
-    ``physics_filter``: drop rollouts with any implausible transition.
+    success reward or are dropped (the default: with BC, keeping the 480 imagined
+    CLEVR rephrase rollouts instead of the 113 that reached their goal took rephrase
+    success from 29 % to 18 %, 3 seeds).
+    ``physics_filter``: drop rollouts with any implausible transition (on by default:
+    63 % of the plausible kept CLEVR rephrase rollouts were real successes on replay,
+    against 22 % of those with an implausible transition).
     ``explain_back``: drop rollouts whose explanation by the same LLM does not read
     back as their task (only for task kinds the environment can parse from text).
     """
@@ -34,8 +38,8 @@ class ImagineConfig:
     n: int = 200
     seed: int = 0
     reward: str = "sparse"
-    keep_failures: bool = True
-    physics_filter: bool = False
+    keep_failures: bool = False
+    physics_filter: bool = True
     explain_back: bool = False
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
