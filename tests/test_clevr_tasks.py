@@ -226,3 +226,23 @@ def test_training_instruction_is_seeded():
     a = language.training_instruction(goal, np.random.default_rng(1))
     b = language.training_instruction(goal, np.random.default_rng(1))
     assert a == b and a in language.training_phrasings(goal)
+
+
+def test_mirrored_relations_are_one_goal():
+    """"red left of blue" and "blue right of red" hold on exactly the same states,
+    so they share a canonical form; different goals do not."""
+    from kalm.envs.clevr.tasks import relation_goals
+    from kalm.envs.spec import same_task
+
+    goals = relation_goals()
+    rng = np.random.default_rng(0)
+    states = rng.uniform(-0.5, 0.5, size=(4000, 10)).astype(np.float32)
+    for goal in goals:
+        mirror = goal.canonical()
+        if mirror == goal:
+            mirror = Relation(goal.anchor, goal.object, {"left": "right", "right": "left",
+                                                        "behind": "front", "front": "behind"}[goal.direction])
+        assert mirror != goal and same_task(goal, mirror)
+        assert [goal.success(s) for s in states] == [mirror.success(s) for s in states]
+    assert len({str(g.canonical().to_json()) for g in goals}) == 40
+    assert not same_task(Relation("red", "blue", "left"), Relation("blue", "red", "left"))

@@ -260,8 +260,11 @@ def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkey
     sampler = ExampleSampler(None, [episode] * 4, 16)
     result = evaluate.explanation_accuracy(Model(), get_spec("clevr"), sampler, batch_size=4)
     assert result["explanation_accuracy"] == 0.25 and result["explanation_achieved"] == 0.5
+    assert result["explanation_equivalent"] == 0.5  # "blue right of red" is the same goal
     # achieved: red left of blue, blue right of red, red in front of cyan, cyan behind red
     assert result["explanation_tasks_achieved"] == 4 and result["explanation_chance_among_achieved"] == 0.25
+    # ... which are two goals
+    assert result["explanation_goals_achieved"] == 2 and result["explanation_equivalent_chance_among_achieved"] == 0.5
 
 
 def test_two_runs_with_different_precisions_share_one_process(tiny_backbone, tmp_path):

@@ -56,6 +56,17 @@ class Task(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
+def same_task(a: Task, b: Task) -> bool:
+    """Whether two tasks are one goal. A task kind that can name one predicate in
+    several ways defines ``canonical()`` (an equivalent task in a normal form); other
+    tasks are compared as they are."""
+    def normal(task: Task) -> dict[str, Any]:
+        canonical = getattr(task, "canonical", None)
+        return (canonical() if callable(canonical) else task).to_json()
+
+    return normal(a) == normal(b)
+
+
 @dataclass(frozen=True)
 class Instruction:
     """One instruction of an evaluation level: the text and the task it means."""

@@ -3,7 +3,9 @@
 - dynamics: MSE of predicted next states over held-out transitions, against the
   copy-the-state baseline (predict ``s' = s``);
 - explanation: greedy instruction text for held-out trajectories, read back with
-  ``spec.parse_instruction``; correct when it names the episode's task. A
+  ``spec.parse_instruction``; correct when it names the episode's task
+  (``explanation_accuracy``: the same fields; ``explanation_equivalent``: the same
+  goal, e.g. "blue right of red" for "red left of blue", see ``same_task``). A
   trajectory often achieves several tasks at once (in the CLEVR data about five
   relations turn true per successful episode, so naming the one the expert was given
   is partly a guess), so ``explanation_achieved`` also counts text whose task fails
@@ -18,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kalm.envs.spec import same_task
 from kalm.grounding.data import ExampleSampler, GroundingEpisode
 from kalm.grounding.prompts import collate
 
@@ -84,7 +87,7 @@ def greedy_text(model, examples, max_new_tokens: int) -> list[str]:
 def explanation_accuracy(model, spec, sampler: ExampleSampler, batch_size: int = 32, max_new_tokens: int = 32,
                          max_episodes: int = 100) -> dict:
     episodes = sampler.successful[:max_episodes]
-    correct, achieved, samples = 0, 0, []
+    correct, equivalent, achieved, samples = 0, 0, 0, []
     for i in range(0, len(episodes), batch_size):
         chunk = episodes[i : i + batch_size]
         windows = [sampler.explanation_window(e) for e in chunk]
@@ -93,33 +96,41 @@ def explanation_accuracy(model, spec, sampler: ExampleSampler, batch_size: int =
             parsed = spec.parse_instruction(text)
             ok = parsed is not None and parsed.to_json() == ep.task.to_json()
             correct += ok
+            equivalent += parsed is not None and same_task(parsed, ep.task)
             achieved += parsed is not None and parsed.success(obs[-1], obs[0]) and not parsed.success(obs[0], obs[0])
             if len(samples) < 8:
                 samples.append({"generated": text, "task": ep.task_json, "correct": bool(ok)})
     n = max(len(episodes), 1)
-    return {"explanation_accuracy": correct / n, "explanation_achieved": achieved / n,
+    return {"explanation_accuracy": correct / n, "explanation_equivalent": equivalent / n,
+            "explanation_achieved": achieved / n,
             "explanation_episodes": len(episodes), **explanation_ambiguity(spec, sampler, episodes),
             "explanation_samples": samples}
 
 
 def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
     """How many training tasks each explained window achieves (false at its first state,
-    true at its last), and the exact-match accuracy of naming one of them at random.
+    true at its last), and the accuracy of naming one of them at random: exactly, and
+    up to equivalence (one guess per distinct goal).
 
     Why: exact accuracy asks for *the* task the expert was given, but one trajectory
     often achieves several; this puts the measured accuracy next to what guessing
     among the achieved tasks would score."""
     tasks = list(spec.training_tasks())
-    counts, chance = [], []
+    counts, chance, goals, goal_chance = [], [], [], []
     for ep in episodes:
         obs, _ = sampler.explanation_window(ep)
         achieved = [t for t in tasks if t.success(obs[-1], obs[0]) and not t.success(obs[0], obs[0])]
+        distinct = [t for i, t in enumerate(achieved) if not any(same_task(t, u) for u in achieved[:i])]
         counts.append(len(achieved))
+        goals.append(len(distinct))
         hit = any(t.to_json() == ep.task.to_json() for t in achieved)
         chance.append(1.0 / len(achieved) if hit else 0.0)
+        goal_chance.append(1.0 / len(distinct) if any(same_task(t, ep.task) for t in distinct) else 0.0)
     if not counts:
         return {}
-    return {"explanation_tasks_achieved": float(np.mean(counts)), "explanation_chance_among_achieved": float(np.mean(chance))}
+    return {"explanation_tasks_achieved": float(np.mean(counts)), "explanation_chance_among_achieved": float(np.mean(chance)),
+            "explanation_goals_achieved": float(np.mean(goals)),
+            "explanation_equivalent_chance_among_achieved": float(np.mean(goal_chance))}
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "front": (0.0, -1.0),
     "right": (1.0, 0.0),
 }
+OPPOSITE: dict[str, str] = {"behind": "front", "front": "behind", "left": "right", "right": "left"}
 BALL_RADIUS = 0.13
 RELATION_DISTANCE = 3 * BALL_RADIUS  # 0.39
 CIRCLE_RADIUS = 2.5 * BALL_RADIUS  # 0.325
@@ -90,6 +91,14 @@ class Relation:
             return 0.0
         target, outside = self.aim_point(state)
         return float(np.linalg.norm(ball(state, self.object) - target)) + 2.0 * outside
+
+    def canonical(self) -> Relation:
+        """This goal named from the ball that comes first in :data:`COLOURS`. The
+        sectors are symmetric, so "red left of blue" and "blue right of red" are one
+        predicate: describing a trajectory by either is the same description."""
+        if COLOURS.index(self.object) < COLOURS.index(self.anchor):
+            return self
+        return Relation(self.anchor, self.object, OPPOSITE[self.direction])
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "object": self.object, "anchor": self.anchor, "direction": self.direction}
