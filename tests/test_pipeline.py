@@ -17,7 +17,7 @@ def tiny_llm(tiny_backbone) -> str:
 
 
 def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path):
-    config = replace(PRESETS["clevr-tiny"](), llm=tiny_llm)
+    config = replace(PRESETS["clevr-tiny"](), llm=tiny_llm, seeds=(0, 1), imagine_max_steps=(("rephrase", 2),))
     report = run_pipeline(config, tmp_path)
     text = report.read_text()
     for method in ("baseline", "kalm", "llm-policy"):
@@ -27,6 +27,21 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path)
     assert (tmp_path / "report.html").exists() and (tmp_path / "report_files" / "success.png").exists()
     stages = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "stages").iterdir() if not p.name.startswith("."))
     assert "collect" in stages and "ground" in stages and "imagine-hard" in stages and "showcase" in stages
+
+    def stage(prefix):
+        (path,) = (tmp_path / "stages").glob(f"{prefix}-*")
+        return json.loads((path / "stage.json").read_text())["config"], path
+
+    def plan(prefix):
+        results = json.loads((stage(prefix)[1] / "results.json").read_text())["results"]
+        return [(r["instruction"], r["level"]) for r in results]
+
+    # the per-level cap reaches only its level
+    assert stage("imagine-rephrase")[0]["generation"]["max_steps"] == 2
+    assert stage("imagine-easy")[0]["generation"]["max_steps"] == config.imagine.generation.max_steps
+    # paired within a training seed, a fresh draw of episodes across seeds
+    assert stage("evaluate-baseline-s1")[0]["seed"] == config.eval_seed + 1
+    assert plan("evaluate-baseline-s0") == plan("evaluate-kalm-s0") != plan("evaluate-baseline-s1")
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     run_pipeline(config, tmp_path)  # everything cached: nothing is rebuilt
