@@ -496,7 +496,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             grounding={k: v for k, v in grounding_metrics.items() if isinstance(v, (int, float))},
             timings=timings,
             showcases=showcases,
-            notes=[f"{len(config.seeds)} seeds x {config.eval_episodes} episodes per level for each policy; "
+            notes=[f"{len(config.seeds)} seeds x {config.eval_episodes} episodes per level for each policy (each "
+                   "seed its own episodes, the same for the baseline and KALM policies of that seed); "
                    f"the LLM policy: {config.llm_policy_episodes} episodes per level.",
                    f"Resolved config: {out / 'config.json'}",
                    *([f"Grounding was not trained in this run: the model was adopted from {config.grounded_model}."]
