@@ -61,7 +61,7 @@ class PipelineConfig:
     collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=1600, epsilon=0.1))
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     imagine_levels: tuple[str, ...] = NOVEL_LEVELS
-    # (level, n) pairs overriding ``imagine.n`` for a level. A quarter to a third of the
+    # (level, n) pairs overriding ``imagine.n`` for a level. A fifth to a third of the
     # rollouts reach their goal in imagination (none for hard tasks), so volume matters;
     # one-push (easy) rollouts are one step each and cheap, multi-push ones are not.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 2400), ("easy", 1920), ("hard", 120))

@@ -231,7 +231,7 @@ def test_training_instruction_is_seeded():
 def test_mirrored_relations_are_one_goal():
     """"red left of blue" and "blue right of red" hold on exactly the same states,
     so they share a canonical form; different goals do not."""
-    from kalm.envs.clevr.tasks import relation_goals
+    from kalm.envs.clevr.tasks import OPPOSITE, relation_goals
     from kalm.envs.spec import same_task
 
     goals = relation_goals()
@@ -240,8 +240,7 @@ def test_mirrored_relations_are_one_goal():
     for goal in goals:
         mirror = goal.canonical()
         if mirror == goal:
-            mirror = Relation(goal.anchor, goal.object, {"left": "right", "right": "left",
-                                                        "behind": "front", "front": "behind"}[goal.direction])
+            mirror = Relation(goal.anchor, goal.object, OPPOSITE[goal.direction])
         assert mirror != goal and same_task(goal, mirror)
         assert [goal.success(s) for s in states] == [mirror.success(s) for s in states]
     assert len({str(g.canonical().to_json()) for g in goals}) == 40

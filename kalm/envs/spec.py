@@ -7,6 +7,8 @@ in its own folder under ``kalm/envs`` and adding it to :data:`kalm.envs.ENV_SPEC
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -56,15 +58,18 @@ class Task(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
 
-def same_task(a: Task, b: Task) -> bool:
-    """Whether two tasks are one goal. A task kind that can name one predicate in
-    several ways defines ``canonical()`` (an equivalent task in a normal form); other
-    tasks are compared as they are."""
-    def normal(task: Task) -> dict[str, Any]:
-        canonical = getattr(task, "canonical", None)
-        return (canonical() if callable(canonical) else task).to_json()
+def goal_key(task: Task) -> str:
+    """A string naming the task's goal: equal for two tasks exactly when they are one
+    goal. A task kind that can name one predicate in several ways defines
+    ``canonical()`` (an equivalent task in a normal form); other tasks are keyed as
+    they are."""
+    canonical = getattr(task, "canonical", None)
+    return json.dumps((canonical() if callable(canonical) else task).to_json(), sort_keys=True)
 
-    return normal(a) == normal(b)
+
+def same_task(a: Task, b: Task) -> bool:
+    """Whether two tasks are one goal (see :func:`goal_key`)."""
+    return goal_key(a) == goal_key(b)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kalm.envs.spec import same_task
+from kalm.envs.spec import goal_key, same_task
 from kalm.grounding.data import ExampleSampler, GroundingEpisode
 from kalm.grounding.prompts import collate
 
@@ -120,12 +120,12 @@ def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
     for ep in episodes:
         obs, _ = sampler.explanation_window(ep)
         achieved = [t for t in tasks if t.success(obs[-1], obs[0]) and not t.success(obs[0], obs[0])]
-        distinct = [t for i, t in enumerate(achieved) if not any(same_task(t, u) for u in achieved[:i])]
+        distinct = {goal_key(t) for t in achieved}
         counts.append(len(achieved))
         goals.append(len(distinct))
         hit = any(t.to_json() == ep.task.to_json() for t in achieved)
         chance.append(1.0 / len(achieved) if hit else 0.0)
-        goal_chance.append(1.0 / len(distinct) if any(same_task(t, ep.task) for t in distinct) else 0.0)
+        goal_chance.append(1.0 / len(distinct) if goal_key(ep.task) in distinct else 0.0)
     if not counts:
         return {}
     return {"explanation_tasks_achieved": float(np.mean(counts)), "explanation_chance_among_achieved": float(np.mean(chance)),

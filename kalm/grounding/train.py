@@ -15,7 +15,7 @@ slower (OpenMP threads spinning against each other).
 Default config, measured (real CLEVR data, 1,600 expert episodes, 1,440 for training;
 2 idle cores): 300 steps in 549 s (274 tokens/s) plus a 74 s evaluation; held-out
 dynamics MSE 7.0x below the copy-the-state baseline, generated rollouts reach their
-goal 7 % of the time, explanation accuracy 4 %. On one H200 the same config trains in
+goal 7 % of the time, explanation accuracy 4 % (12 % naming the same goal). On one H200 the same config trains in
 80 s (1,891 tokens/s); the step rate there is bound by kernel launches, so the GPU
 preset (``clevr-gpu``) uses 4x larger batches at the same ~4 steps/s.
 
