@@ -8,7 +8,6 @@ in its own folder under ``kalm/envs`` and adding it to :data:`kalm.envs.ENV_SPEC
 from __future__ import annotations
 
 import json
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
