@@ -279,6 +279,39 @@ def test_two_runs_with_different_precisions_share_one_process(tiny_backbone, tmp
     metrics = train_grounding(spec, data, str(tiny_backbone), tmp_path / "b", replace(config, precision="bf16"),
                               progress=False)
     assert metrics["precision"] == "bf16" and (tmp_path / "b" / "model").is_dir()
+    assert metrics["train_attention"] == "eager"  # the CPU default (auto)
+
+
+def test_training_attention_switches_kernel_for_training_only_and_keeps_the_maths(tiny_backbone):
+    """On CPU the training loop runs eager attention (faster backward there) and hands
+    the backbone back its own kernel; both kernels compute the same hidden states on a
+    left-padded batch, so the choice cannot change what grounding learns."""
+    from kalm.grounding.train import _training_attention
+
+    model = _model(tiny_backbone).eval()
+    base = model.llm.get_base_model()
+    own = base.config._attn_implementation
+    assert own == "sdpa"
+    rng = np.random.default_rng(3)
+    examples = [model.prompts.generation(*_trajectory(rng, steps), "Move the red ball left of the cyan ball", True)
+                for steps in (2, 5)]
+    batch = collate(examples, model.pad_token_id)
+
+    def hidden():
+        embeds = model.embed_sequence(batch["input_ids"], batch["states"], batch["actions"])
+        with torch.no_grad():
+            out, _ = model(embeds, batch["attention_mask"], batch["position_ids"])
+        return out[batch["attention_mask"].bool()]
+
+    with _training_attention(model, "auto", on_gpu=False) as kernel:
+        assert kernel == "eager" and base.config._attn_implementation == "eager"
+        eager = hidden()
+    assert base.config._attn_implementation == own
+    torch.testing.assert_close(eager, hidden(), rtol=1e-5, atol=1e-5)
+    with _training_attention(model, "auto", on_gpu=True) as kernel:
+        assert kernel == own  # on GPU the backbone keeps its choice
+    with pytest.raises(ValueError, match="train_attention"):
+        GroundingConfig(train_attention="flash")
 
 
 def _damage(ckpt, kind):

@@ -43,7 +43,7 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -99,12 +99,18 @@ class GroundingConfig:
     explanation_max_tokens: int = 32
     generation_max_steps: int = 0  # 0: twice max_trajectory_steps, capped by the env horizon
     num_threads: int = 0  # 0: the cores not already busy (kalm.threads.free_cores)
+    # Attention kernel while training: "auto" is eager on CPU and the backbone's own
+    # choice on GPU (see _training_attention); "eager"/"sdpa" force one. The same
+    # maths up to float rounding, so a runtime setting, not part of a stage's key.
+    train_attention: str = "auto"
 
     def __post_init__(self):
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.train_attention not in ("auto", "eager", "sdpa"):
+            raise ValueError(f"train_attention must be auto, eager or sdpa, got {self.train_attention!r}")
         unknown = [n for n, _ in self.task_weights if n not in TASKS]
         if unknown:
             raise ValueError(f"unknown grounding task {unknown[0]!r} (expected one of {', '.join(TASKS)})")
@@ -190,6 +196,30 @@ def _precision(config: GroundingConfig) -> str:
     except OSError:
         return "fp32"
     return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+
+
+@contextmanager
+def _training_attention(model: GroundedLM, choice: str, on_gpu: bool):
+    """Train with the chosen attention kernel, then give the model back its own.
+
+    Why eager on CPU: PyTorch's CPU flash-attention backward costs about 11 ms per
+    layer on our short sequences (~40 tokens), a quarter of a SmolLM2 LoRA step; the
+    plain matmul-softmax path does the same maths without it. Measured on 2 cores,
+    bf16 autocast, the same 8 batches: 380-393 tokens/s with sdpa, 494-504 with eager
+    (``python -m benchmarks --skip env generation offline`` times both). Generation
+    keeps sdpa, which is faster there (one new token per step).
+    """
+    implementation = "eager" if choice == "auto" and not on_gpu else (None if choice == "auto" else choice)
+    base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    previous = getattr(base.config, "_attn_implementation", None)
+    if implementation is None or implementation == previous or not hasattr(base, "set_attn_implementation"):
+        yield previous
+        return
+    base.set_attn_implementation(implementation)
+    try:
+        yield implementation
+    finally:
+        base.set_attn_implementation(previous)
 
 
 def _optimizer(model: GroundedLM, config: GroundingConfig) -> torch.optim.Optimizer:
@@ -354,47 +384,49 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     started = time.time()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="grounding",
                disable=not (progress and accelerator.is_main_process))
-    for step in bar:
-        for micro in range(config.grad_accum):
-            rng = step_rng(config.seed, step, micro, accelerator.process_index)
-            task = choose_task(weights, rng)
-            batch = collate(sampler.batch(task, rng, config.batch_tokens, config.max_batch_size), model.pad_token_id)
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            tokens += int(batch["attention_mask"].sum())
-            # accumulate(): no gradient sync, no optimizer step and a loss divided by
-            # grad_accum until the last micro-batch (DeepSpeed counts the same way)
-            with accelerator.accumulate(objective):
-                with accelerator.autocast():
-                    losses = objective(batch)
-                accelerator.backward(losses["total"])
-                if accelerator.sync_gradients:
-                    if config.max_grad_norm:
-                        accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            value = float(losses["total"].detach())
-            running[task] = value if task not in running else 0.9 * running[task] + 0.1 * value
-        bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()})
-        done = step + 1
-        stopping = stop_after is not None and done >= stop_after and done < config.steps
-        periodic = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps
-        if periodic or stopping:
-            with _full_weights(accelerator, objective):
-                if accelerator.is_main_process:
-                    _save_checkpoint(out, done, accelerator.unwrap_model(objective).model, optimizer, scheduler,
-                                     config, split)
-        accelerator.wait_for_everyone()
-        if stopping:
-            bar.close()
-            return {"stopped_at": done, "checkpoint": str(latest_checkpoint(out))}
+    with _training_attention(model, config.train_attention, torch.cuda.is_available()) as attention:
+        for step in bar:
+            for micro in range(config.grad_accum):
+                rng = step_rng(config.seed, step, micro, accelerator.process_index)
+                task = choose_task(weights, rng)
+                examples = sampler.batch(task, rng, config.batch_tokens, config.max_batch_size)
+                batch = collate(examples, model.pad_token_id)
+                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())
+                # accumulate(): no gradient sync, no optimizer step and a loss divided by
+                # grad_accum until the last micro-batch (DeepSpeed counts the same way)
+                with accelerator.accumulate(objective):
+                    with accelerator.autocast():
+                        losses = objective(batch)
+                    accelerator.backward(losses["total"])
+                    if accelerator.sync_gradients:
+                        if config.max_grad_norm:
+                            accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                value = float(losses["total"].detach())
+                running[task] = value if task not in running else 0.9 * running[task] + 0.1 * value
+            bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()})
+            done = step + 1
+            stopping = stop_after is not None and done >= stop_after and done < config.steps
+            periodic = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps
+            if periodic or stopping:
+                with _full_weights(accelerator, objective):
+                    if accelerator.is_main_process:
+                        _save_checkpoint(out, done, accelerator.unwrap_model(objective).model, optimizer, scheduler,
+                                         config, split)
+            accelerator.wait_for_everyone()
+            if stopping:
+                bar.close()
+                return {"stopped_at": done, "checkpoint": str(latest_checkpoint(out))}
     bar.close()
     train_seconds = time.time() - started
 
     model = accelerator.unwrap_model(objective).model
     metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 3),
                      "train_tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-                     "precision": precision,
+                     "precision": precision, "train_attention": attention,
                      "torch_threads": torch.get_num_threads(), "resumed_from": start_step,
                      "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
                      "final_running_loss": running}
