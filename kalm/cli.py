@@ -166,6 +166,9 @@ def imagine(
                                         help="Drop rollouts with implausible moves (default: on)."),
     explain_back: bool = typer.Option(False, "--explain-back",
                                       help="Keep only rollouts the LLM explains back as their task."),
+    robust_noise: float = typer.Option(None, help="Keep a success only if it survives noise of this many per-step "
+                                                  "changes x sqrt(T) on its last state (0: off; default 0.7)."),
+    robust_share: float = typer.Option(None, help="Share of noisy copies on which the task must still hold."),
 ) -> None:
     """Imagine labelled rollouts for a level's instructions with a grounded LLM."""
     try:
@@ -185,7 +188,8 @@ def imagine(
         base = ImagineConfig()
         generation = dataclasses.replace(base.generation, **{k: v for k, v in dict(
             temperature=temperature, max_steps=max_steps, batch_size=batch_size).items() if v is not None})
-        chosen = {k: v for k, v in dict(keep_failures=keep_failures, physics_filter=physics_filter).items()
+        chosen = {k: v for k, v in dict(keep_failures=keep_failures, physics_filter=physics_filter,
+                                        robust_noise=robust_noise, robust_share=robust_share).items()
                   if v is not None}
         config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back,
                                      generation=generation, **chosen)

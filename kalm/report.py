@@ -82,13 +82,14 @@ def hallucination_table(inputs: ReportInputs) -> str:
     if not inputs.hallucination:
         return ""
     checks = sorted({c for s in inputs.hallucination.values() for c in s["hallucination"]["transition_share"]})
-    head = ("| level | rollouts | reach goal | kept | kept and real on replay | "
-            + " | ".join(f"{c} (transitions)" for c in checks) + " |\n|---|---|---|---|---|" + "---|" * len(checks))
+    head = ("| level | rollouts | reach goal | dropped: implausible / fragile | kept | kept and real on replay | "
+            + " | ".join(f"{c} (transitions)" for c in checks) + " |\n|---|---|---|---|---|---|" + "---|" * len(checks))
     rows = []
     for level, s in inputs.hallucination.items():
-        shares = s["hallucination"]["transition_share"]
+        shares, counts = s["hallucination"]["transition_share"], s["counts"]
         rows.append(
-            f"| {level} | {s['counts']['generated']} | {_pct(s['success_share'])} % | {s['counts']['kept']} | "
+            f"| {level} | {s['counts']['generated']} | {_pct(s['success_share'])} % | "
+            f"{counts.get('dropped_physics', 0)} / {counts.get('dropped_fragile', 0)} | {counts['kept']} | "
             f"{_replay(s.get('replay'))} | " + " | ".join(f"{_pct(shares.get(c, 0.0))} %" for c in checks) + " |"
         )
     return head + "\n" + "\n".join(rows)
@@ -183,8 +184,10 @@ def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec
         md += ["## Imagined rollouts", "", hallucination_table(inputs), "",
                "*Reach goal*: the task's predicate holds on an imagined state. *Kept and real on replay*: the "
                "kept rollouts' actions executed from the same start in the real simulator reach the goal too "
-               "(an audit of the imagined labels; it never feeds training). Transition shares are over all "
-               "imagined transitions.", ""]
+               "(an audit of the imagined labels; it never feeds training). *Implausible*: a transition "
+               "breaks the environment's physics checks; *fragile*: the goal no longer holds on most noisy "
+               "copies of the last imagined state (noise the size of the model's error). Transition shares are "
+               "over all imagined transitions.", ""]
     if has_curves:
         md += ["## Training curves", "", "![curves](report_files/curves.png)", ""]
     if gifs:

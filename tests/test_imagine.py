@@ -158,7 +158,7 @@ def test_imagine_writes_labelled_episodes_with_provenance(tiny_model):
     strict = ImagineConfig(level="easy", n=6, generation=GenerationConfig(max_steps=5))
     result = imagine(tiny_model, spec, strict, progress=False)
     counts = result.stats["counts"]
-    assert counts["kept"] == counts["succeeded"]
+    assert counts["kept"] == counts["succeeded"] - counts["dropped_fragile"]
     if result.dataset is None:  # an untrained model rarely reaches a goal
         assert counts["kept"] == 0
     else:
@@ -222,12 +222,63 @@ def test_imagine_command_defaults_are_the_config_defaults(tiny_model, tmp_path, 
 
     monkeypatch.setattr(rollouts, "imagine", capture)
     base = ["imagine", "--model", str(tmp_path / "model"), "--level", "easy", "--out", str(tmp_path / "x.h5")]
-    for extra in ([], ["--keep-failures", "--no-physics-filter"]):
+    for extra in ([], ["--keep-failures", "--no-physics-filter", "--robust-noise", "0", "--robust-share", "0.9"]):
         result = CliRunner().invoke(app, base + extra)
         assert result.exit_code == 2 and "captured" in result.output
-    assert (seen[0].keep_failures, seen[0].physics_filter) == (False, True) == (
-        ImagineConfig().keep_failures, ImagineConfig().physics_filter)
-    assert (seen[1].keep_failures, seen[1].physics_filter) == (True, False)
+    fields = ("keep_failures", "physics_filter", "robust_noise", "robust_share")
+    assert [getattr(seen[0], f) for f in fields] == [getattr(ImagineConfig(), f) for f in fields]
+    assert [getattr(seen[1], f) for f in fields] == [True, False, 0.0, 0.9]
+
+
+def _two_balls(red, blue):
+    """A CLEVR state with red and blue where given and the other balls far away."""
+    state = np.array([0.0, 0.0, 0.0, 0.0, 0.4, 0.5, -0.4, 0.5, 0.0, 0.55], np.float32)
+    state[0:2], state[2:4] = red, blue
+    return state
+
+
+def test_robust_share_is_high_deep_in_the_goal_and_low_on_its_border():
+    from kalm.imagine.filters import robust_success_share
+
+    task, rng, scale = Relation("red", "blue", "left"), np.random.default_rng(0), np.full(10, 0.05)
+    blue = np.array([0.1, 0.2])
+    start = _two_balls([0.4, 0.2], blue)
+    angle = np.radians(180 - 44.5)  # 0.5 degrees inside the 45-degree sector, near the 0.39 distance limit
+    border = _two_balls(blue + 0.37 * np.array([np.cos(angle), np.sin(angle)]), blue)
+    deep = _two_balls(blue + [-0.3, 0.0], blue)
+    assert task.success(border, start) and task.success(deep, start)
+    assert robust_success_share(task, np.stack([start, deep]), scale, 0.7, rng) > 0.9
+    assert robust_success_share(task, np.stack([start, border]), scale, 0.7, rng) < 0.4
+    assert robust_success_share(task, np.stack([start, border]), scale, 1e-6, rng) == 1.0
+    with pytest.raises(ValueError, match="robust_share"):
+        ImagineConfig(robust_share=0.0)
+
+
+def test_imagine_drops_fragile_successes_and_counts_them(tiny_model, monkeypatch):
+    """Two imagined successes of one instruction: the one resting on the goal border is
+    dropped (its success could be the model's error), the one deep inside is kept."""
+    from kalm.envs.spec import Instruction
+    from kalm.imagine import rollouts
+    from kalm.imagine.generate import GeneratedRollout
+
+    spec, task = get_spec("clevr"), Relation("red", "blue", "left")
+    blue = np.array([0.1, 0.2])
+    start = _two_balls([0.4, 0.2], blue)
+    angle = np.radians(180 - 44.5)
+    finals = [_two_balls(blue + 0.37 * np.array([np.cos(angle), np.sin(angle)]), blue),
+              _two_balls(blue + [-0.3, 0.0], blue)]
+    text = "Put the red ball left of the blue ball"
+    monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)] * 2, np.stack([start] * 2)))
+    monkeypatch.setattr(rollouts, "generate_rollouts", lambda *a, **k: [
+        GeneratedRollout(text, np.stack([start, f]), np.array([3]), "stop") for f in finals])
+    config = ImagineConfig(level="rephrase", n=2, physics_filter=False)  # default robustness filter
+    result = rollouts.imagine(tiny_model, spec, config, progress=False)
+    counts = result.stats["counts"]
+    assert (counts["succeeded"], counts["dropped_fragile"], counts["kept"]) == (2, 1, 1)
+    np.testing.assert_array_equal(result.dataset.episodes[0].observations[-1], finals[1])
+    result = rollouts.imagine(tiny_model, spec, ImagineConfig(level="rephrase", n=2, physics_filter=False,
+                                                              robust_noise=0.0), progress=False)
+    assert result.stats["counts"]["kept"] == 2
 
 
 def test_replaying_imagined_rollouts_counts_real_successes():

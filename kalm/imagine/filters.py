@@ -4,7 +4,8 @@ Each transition is checked with the environment's own plausibility test
 (``EnvSpec.check_transition``: off the workbench, beyond the dynamics limits, a body
 moving untouched, non-finite numbers). The *physics* filter drops a rollout with any
 failing transition; the *explain-back* filter asks the grounded LLM to explain the
-rollout and keeps it only if the explanation reads back as the same task.
+rollout and keeps it only if the explanation reads back as the same task; the
+*robustness* filter keeps a success only if it survives the model's own error.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kalm.envs.spec import EnvSpec
+from kalm.envs.spec import EnvSpec, Task
 
 
 @dataclass
@@ -56,3 +57,24 @@ def check_rollout(spec: EnvSpec, states: np.ndarray, actions: np.ndarray) -> lis
 
 def is_plausible(violations: list[dict[str, bool]]) -> bool:
     return not any(any(v.values()) for v in violations)
+
+
+def robust_success_share(task: Task, states: np.ndarray, step_scale: np.ndarray, noise: float,
+                         rng: np.random.Generator, copies: int = 64) -> float:
+    """The share of perturbed copies of the last imagined state on which ``task`` holds.
+
+    Why: an imagined rollout is cut at the first state where the predicate holds, so
+    its last state tends to sit just inside the goal region, where a small error in the
+    imagined physics decides success. The copies get Gaussian noise of
+    ``noise * step_scale * sqrt(T)`` per coordinate (``step_scale``: the dataset's
+    per-step change, the unit grounding predicts in; ``T`` pushes, since a free-running
+    model's error grows with every step it feeds back). A low share means the model's
+    own error could undo the success. On the CPU-grounded CLEVR model (514 kept rephrase
+    rollouts, 58 % real on replay), requiring half of the copies at ``noise`` 0.7
+    kept 327 rollouts, 76 % real; on easy 508 of 590, 89 % against 84 % real.
+    """
+    steps = max(len(states) - 1, 1)
+    sigma = noise * np.asarray(step_scale, dtype=np.float64) * np.sqrt(steps)
+    final, start = np.asarray(states[-1], dtype=np.float64), states[0]
+    perturbed = final + rng.normal(size=(copies, final.shape[0])) * sigma
+    return float(np.mean([task.success(p, start) for p in perturbed]))

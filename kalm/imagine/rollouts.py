@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from kalm.data.episodes import EpisodeDataset
 from kalm.envs.spec import EnvSpec, Instruction
-from kalm.imagine.filters import HallucinationStats, check_rollout, is_plausible
+from kalm.imagine.filters import HallucinationStats, check_rollout, is_plausible, robust_success_share
 from kalm.imagine.generate import GenerationConfig, generate_rollouts
 from kalm.imagine.label import label_rollout
 
@@ -32,6 +32,10 @@ class ImagineConfig:
     against 22 % of those with an implausible transition).
     ``explain_back``: drop rollouts whose explanation by the same LLM does not read
     back as their task (only for task kinds the environment can parse from text).
+    ``robust_noise``/``robust_share``: drop a success unless the task still holds on
+    ``robust_share`` of noisy copies of its last imagined state
+    (:func:`~kalm.imagine.filters.robust_success_share`; noise in units of the
+    dataset's per-step change; 0 switches the filter off).
     """
 
     level: str = "rephrase"
@@ -41,7 +45,15 @@ class ImagineConfig:
     keep_failures: bool = False
     physics_filter: bool = True
     explain_back: bool = False
+    robust_noise: float = 0.7
+    robust_share: float = 0.5
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        if self.robust_noise < 0:
+            raise ValueError(f"robust_noise must be >= 0 (0 switches the filter off), got {self.robust_noise}")
+        if not 0 < self.robust_share <= 1:
+            raise ValueError(f"robust_share must lie in (0, 1], got {self.robust_share}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,10 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
 
     stats = HallucinationStats()
     kept, kept_tasks, counts = [], [], {"generated": len(generated), "succeeded": 0, "non_finite": 0,
-                                         "dropped_physics": 0, "dropped_failure": 0, "dropped_explain_back": 0}
+                                         "dropped_physics": 0, "dropped_failure": 0, "dropped_fragile": 0,
+                                         "dropped_explain_back": 0}
+    noise_rng = np.random.default_rng(config.seed)
+    step_scale = model.io.delta_std.detach().cpu().numpy()
     for rollout, task in zip(generated, tasks):
         violations = check_rollout(spec, rollout.states, rollout.actions)
         stats.add(violations)
@@ -122,6 +137,10 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         episode, succeeded = label_rollout(spec, task, rollout.instruction, rollout.states, rollout.actions,
                                            config.reward)
         counts["succeeded"] += succeeded
+        if succeeded and config.robust_noise > 0 and robust_success_share(
+                task, episode.observations, step_scale, config.robust_noise, noise_rng) < config.robust_share:
+            counts["dropped_fragile"] += 1
+            continue
         if not succeeded and not config.keep_failures:
             counts["dropped_failure"] += 1
             continue
