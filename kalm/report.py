@@ -53,6 +53,8 @@ class ReportInputs:
     title: str
     algo: str
     results: Mapping[str, Mapping[str, LevelResult]]  # method -> level -> result
+    # "a - b" -> level -> the paired difference of success (same episodes, same seeds)
+    differences: Mapping[str, Mapping[str, LevelResult]] = field(default_factory=dict)
     curves: Mapping[str, Sequence[Mapping[str, float]]] = field(default_factory=dict)
     hallucination: Mapping[str, Mapping] = field(default_factory=dict)  # level -> imagine summary
     grounding: Mapping[str, float] = field(default_factory=dict)
@@ -65,15 +67,23 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
 def success_table(inputs: ReportInputs) -> str:
-    methods = list(inputs.results)
-    head = "| level | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods)
+    methods, diffs = list(inputs.results), list(inputs.differences)
+    columns = methods + [f"{d} (paired)" for d in diffs]
+    head = "| level | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
     rows = []
     for level in LEVELS:
         cells = []
         for m in methods:
             r = inputs.results[m].get(level)
             cells.append("–" if r is None else f"{_pct(r.mean)} % [{_pct(r.low)}, {_pct(r.high)}]")
+        for d in diffs:
+            r = inputs.differences[d].get(level)
+            cells.append("–" if r is None else f"{_signed(r.mean)} [{_signed(r.low)}, {_signed(r.high)}]")
         rows.append(f"| {level} | " + " | ".join(cells) + " |")
     return head + "\n" + "\n".join(rows)
 
@@ -174,7 +184,9 @@ def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec
         gifs.append((f"report_files/showcase_{i}.gif", show))
 
     md = [f"# {inputs.title}", "", f"Offline RL algorithm: **{inputs.algo}**. Success rate in the real simulator, "
-          "mean over seeds with a 95 % confidence interval (Wilson, all episodes pooled).", "",
+          "mean over seeds with a 95 % confidence interval (Wilson, all episodes pooled). A *paired* column "
+          "is the difference in percentage points over the episodes both policies ran (the same instructions "
+          "and starts for the same seed), with a 95 % interval on the per-episode differences.", "",
           success_table(inputs), "", "![success](report_files/success.png)", ""]
     if inputs.grounding:
         md += ["## Grounding", "", "| metric | value |", "|---|---|"]

@@ -14,7 +14,7 @@ from kalm.envs.task_file import write_task_line
 from kalm.evaluation.evaluate import evaluate, plan_episodes, resolve_levels
 from kalm.evaluation.policies import ExpertPolicy, RandomPolicy
 from kalm.evaluation.report import write_report
-from kalm.evaluation.stats import wilson_interval
+from kalm.evaluation.stats import paired_difference, wilson_interval
 
 SPEC = get_spec("clevr")
 
@@ -95,3 +95,13 @@ def test_cli_refuses_a_bad_task_file_by_line(tmp_path):
 def test_cli_needs_exactly_one_policy(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "--level", "seen"])
     assert result.exit_code == 2 and "exactly one of --policy" in result.output
+
+
+def test_paired_difference_is_the_mean_per_episode_difference_with_a_normal_interval():
+    mean, low, high = paired_difference([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
+    # differences 1, 0, 0, -1, 1: mean 0.2, sample variance 0.7
+    assert mean == pytest.approx(0.2)
+    assert (low, high) == pytest.approx((0.2 - 1.959964 * (0.7 / 5) ** 0.5, 0.2 + 1.959964 * (0.7 / 5) ** 0.5))
+    assert paired_difference([True] * 50, [True] * 50) == (0.0, 0.0, 0.0)  # identical outcomes: no spread
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_difference([1, 0], [1])

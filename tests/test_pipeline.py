@@ -42,6 +42,13 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path)
     # paired within a training seed, a fresh draw of episodes across seeds
     assert stage("evaluate-baseline-s1")[0]["seed"] == config.eval_seed + 1
     assert plan("evaluate-baseline-s0") == plan("evaluate-kalm-s0") != plan("evaluate-baseline-s1")
+    # the paired column: KALM minus baseline over the episodes both ran
+    outcomes = {m: [r["success"] for s in (0, 1) for r in json.loads(
+        (stage(f"evaluate-{m}-s{s}")[1] / "results.json").read_text())["results"] if r["level"] == "seen"]
+        for m in ("kalm", "baseline")}
+    seen_diff = sum(outcomes["kalm"]) / len(outcomes["kalm"]) - sum(outcomes["baseline"]) / len(outcomes["baseline"])
+    assert "kalm - baseline (paired)" in text
+    assert f"{100 * seen_diff:+.1f} [" in next(line for line in text.splitlines() if line.startswith("| seen |"))
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     run_pipeline(config, tmp_path)  # everything cached: nothing is rebuilt
@@ -54,6 +61,21 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path)
     run_pipeline(changed, tmp_path)  # only policy training and what follows is redone
     new = {p.name for p in (tmp_path / "stages").iterdir()} - set(before)
     assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "showcase")) for n in new)
+
+
+def test_paired_differences_refuse_runs_of_different_episodes(tmp_path):
+    from kalm.pipeline import _paired_differences
+
+    def run(name, instruction, success):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"results": [{"level": "seen", "index": 0, "instruction": instruction,
+                                                 "success": success}]}))
+        return path
+
+    same = _paired_differences([run("a", "push red left", True)], [run("b", "push red left", False)])
+    assert same["seen"].mean == 1.0 and same["seen"].episodes == 1
+    with pytest.raises(ValueError, match="did not run the same episodes"):
+        _paired_differences([run("c", "push red left", True)], [run("d", "push blue left", True)])
 
 
 def test_every_clevr_preset_is_a_valid_config():

@@ -19,6 +19,7 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
         title="KALM on CLEVR-Robot",
         algo="bc",
         results={"baseline": {"seen": r, "easy": r}, "kalm": {"seen": r, "rephrase": r, "easy": r, "hard": r}},
+        differences={"kalm - baseline": {"seen": LevelResult(0.042, 0.002, 0.083, (0.03, 0.05), 200)}},
         curves={"kalm seed 0": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]},
         hallucination={"easy": {"counts": {"generated": 10, "kept": 8}, "success_share": 0.7,
                                 "hallucination": {"transition_share": {"too_far": 0.1, "non_finite": 0.0}}}},
@@ -29,8 +30,8 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
     )
     md = write_report(tmp_path, inputs, spec)
     text = md.read_text()
-    assert "| seen | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] |" in text
-    assert "| rephrase | – |" in text
+    assert "| seen | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] | +4.2 [+0.2, +8.3] |" in text
+    assert "| rephrase | – |" in text and "| easy | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] | – |" in text
     page = (tmp_path / "report.html").read_text()
     assert "<table>" in page and "showcase_0.gif" in page and "<h2>Imagined rollouts</h2>" in page
     gif = Image.open(tmp_path / "report_files" / "showcase_0.gif")

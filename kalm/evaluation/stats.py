@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 Z95 = 1.959963984540054
 
@@ -25,3 +26,26 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == n else min(1.0, centre + half)
     return (low, high)
+
+
+def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired episodes, with a 95 % interval.
+
+    Why paired: the baseline and KALM policies of one seed run the same episodes (same
+    instruction, same start), so the difference of their success rates has a much
+    smaller variance than two independent rates, where much of the spread is which
+    instructions happened to be drawn. The interval is the normal one on the per-episode
+    differences (each -1, 0 or 1), sound with the hundreds of pairs per level a run has.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    n = len(a)
+    if n == 0:
+        return (0.0, -1.0, 1.0)
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    mean = sum(d) / n
+    if n == 1:
+        return (mean, -1.0, 1.0)
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    half = z * math.sqrt(var / n)
+    return (mean, max(-1.0, mean - half), min(1.0, mean + half))
