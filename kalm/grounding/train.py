@@ -13,11 +13,13 @@ threads default to the idle cores: two threads beside one busy process ran 10x
 slower (OpenMP threads spinning against each other).
 
 Default config, measured (real CLEVR data, 1,600 expert episodes, 1,440 for training;
-2 idle cores): 300 steps in 549 s (274 tokens/s) plus a 74 s evaluation; held-out
-dynamics MSE 7.0x below the copy-the-state baseline, generated rollouts reach their
-goal 7 % of the time, explanation accuracy 4 % (12 % naming the same goal). On one H200 the same config trains in
-80 s (1,891 tokens/s); the step rate there is bound by kernel launches, so the GPU
-preset (``clevr-gpu``) uses 4x larger batches at the same ~4 steps/s.
+2 idle cores, inside a fresh ``kalm run``): 400 steps in 643 s (313 tokens/s, eager
+attention) plus a 76 s evaluation; held-out dynamics MSE 7.3x below the
+copy-the-state baseline, generated rollouts reach their goal 12 % of the time,
+explanation accuracy 5 % (14 % naming the same goal). On one H200 the earlier 300-step
+config trained in 80 s (1,891 tokens/s); the step rate there is bound by kernel
+launches, so the GPU preset (``clevr-gpu``) uses 4x larger batches at the same
+~4 steps/s.
 
 Multi-GPU with DeepSpeed ZeRO-3 (parameters sharded; CPU offload of optimizer and
 weights)::
@@ -66,7 +68,8 @@ class GroundingConfig:
     """Training and evaluation settings; the defaults fit 20 minutes on a 2-core CPU
     with SmolLM2-135M (see the module docstring for the measurements)."""
 
-    steps: int = 300
+    # 400 steps: with eager attention on CPU they cost about what 300 did with sdpa.
+    steps: int = 400
     batch_tokens: int = 640  # padded tokens per micro-batch
     max_batch_size: int = 48
     grad_accum: int = 1
@@ -204,9 +207,9 @@ def _training_attention(model: GroundedLM, choice: str, on_gpu: bool):
 
     Why eager on CPU: PyTorch's CPU flash-attention backward costs about 11 ms per
     layer on our short sequences (~40 tokens), a quarter of a SmolLM2 LoRA step; the
-    plain matmul-softmax path does the same maths without it. Measured on 2 cores,
-    bf16 autocast, the same 8 batches: 380-393 tokens/s with sdpa, 494-504 with eager
-    (``python -m benchmarks --skip env generation offline`` times both). Generation
+    plain matmul-softmax path does the same maths without it. Measured on 2 cores with
+    bf16 autocast (``python -m benchmarks --skip env generation offline``, side by
+    side): 316 tokens/s with sdpa, 439 with eager (1.39x); in fp32 1.11x. Generation
     keeps sdpa, which is faster there (one new token per step).
     """
     implementation = "eager" if choice == "auto" and not on_gpu else (None if choice == "auto" else choice)

@@ -34,7 +34,9 @@ class GenerationConfig:
     """
 
     max_steps: int = 50
-    batch_size: int = 16
+    # 64 rollouts at a time: 128 five-step rollouts of the grounded SmolLM2 took 6.3 s
+    # in batches of 64 against 9.5 s in batches of 16 (2 CPU cores, side by side).
+    batch_size: int = 64
     temperature: float = 0.0
     use_cache: bool = True
     stop_on_done: bool = True
