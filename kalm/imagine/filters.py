@@ -69,9 +69,11 @@ def robust_success_share(task: Task, states: np.ndarray, step_scale: np.ndarray,
     ``noise * step_scale * sqrt(T)`` per coordinate (``step_scale``: the dataset's
     per-step change, the unit grounding predicts in; ``T`` pushes, since a free-running
     model's error grows with every step it feeds back). A low share means the model's
-    own error could undo the success. On the CPU-grounded CLEVR model (514 kept rephrase
-    rollouts, 58 % real on replay), requiring half of the copies at ``noise`` 0.7
-    kept 327 rollouts, 76 % real; on easy 508 of 590, 89 % against 84 % real.
+    own error could undo the success. On the 300-step CPU-grounded CLEVR model (514
+    kept rephrase rollouts, 58 % real on replay), requiring half of the copies at
+    ``noise`` 0.7 kept 327 rollouts, 76 % real; on easy 508 of 590, 89 % against 84 %
+    real. In the pipeline (400-step model, BC, 3 x 300 episodes) it raised easy success
+    from 57.9 to 64.0 %; rephrase went from 40.2 to 41.1 %, within noise.
     """
     steps = max(len(states) - 1, 1)
     sigma = noise * np.asarray(step_scale, dtype=np.float64) * np.sqrt(steps)
