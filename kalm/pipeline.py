@@ -371,6 +371,9 @@ def _paired_differences(treated: list[Path], control: list[Path]) -> dict[str, L
     per_seed: dict[str, list[float]] = {}
     for t_path, c_path in zip(treated, control, strict=True):
         t_run, c_run = json.loads(t_path.read_text()), json.loads(c_path.read_text())
+        if t_run.get("seed") != c_run.get("seed"):
+            raise ValueError(f"{t_path} and {c_path} ran different evaluation plans "
+                             f"(seeds {t_run.get('seed')} and {c_run.get('seed')}); cannot pair them")
         control_by_key = {(r["level"], r["index"]): r for r in c_run["results"]}
         pairs: dict[str, list[tuple[bool, bool]]] = {}
         for r in t_run["results"]:

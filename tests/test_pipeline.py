@@ -76,6 +76,10 @@ def test_paired_differences_refuse_runs_of_different_episodes(tmp_path):
     assert same["seen"].mean == 1.0 and same["seen"].episodes == 1
     with pytest.raises(ValueError, match="did not run the same episodes"):
         _paired_differences([run("c", "push red left", True)], [run("d", "push blue left", True)])
+    other_plan = run("e", "push red left", True)
+    other_plan.write_text(json.dumps({**json.loads(other_plan.read_text()), "seed": 7}))
+    with pytest.raises(ValueError, match="different evaluation plans"):
+        _paired_differences([other_plan], [run("f", "push red left", True)])
 
 
 def test_every_clevr_preset_is_a_valid_config():
