@@ -98,7 +98,7 @@ def hallucination_table(inputs: ReportInputs) -> str:
     for level, s in inputs.hallucination.items():
         shares, counts = s["hallucination"]["transition_share"], s["counts"]
         rows.append(
-            f"| {level} | {s['counts']['generated']} | {_pct(s['success_share'])} % | "
+            f"| {level} | {counts['generated']} | {_pct(s['success_share'])} % | "
             f"{counts.get('dropped_physics', 0)} / {counts.get('dropped_fragile', 0)} | {counts['kept']} | "
             f"{_replay(s.get('replay'))} | " + " | ".join(f"{_pct(shares.get(c, 0.0))} %" for c in checks) + " |"
         )
@@ -197,7 +197,7 @@ def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec
                "*Reach goal*: the task's predicate holds on an imagined state. *Kept and real on replay*: the "
                "kept rollouts' actions executed from the same start in the real simulator reach the goal too "
                "(an audit of the imagined labels; it never feeds training). *Implausible*: a transition "
-               "breaks the environment's physics checks; *fragile*: the goal no longer holds on most noisy "
+               "breaks the environment's physics checks; *fragile*: the goal holds on too few noisy "
                "copies of the last imagined state (noise the size of the model's error). Transition shares are "
                "over all imagined transitions.", ""]
     if has_curves:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 Z95 = 1.959963984540054
@@ -43,9 +44,8 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> t
     if n == 0:
         return (0.0, -1.0, 1.0)
     d = [float(x) - float(y) for x, y in zip(a, b)]
-    mean = sum(d) / n
+    mean = statistics.fmean(d)
     if n == 1:
         return (mean, -1.0, 1.0)
-    var = sum((x - mean) ** 2 for x in d) / (n - 1)
-    half = z * math.sqrt(var / n)
+    half = z * statistics.stdev(d, mean) / math.sqrt(n)
     return (mean, max(-1.0, mean - half), min(1.0, mean + half))
