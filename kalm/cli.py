@@ -169,6 +169,10 @@ def imagine(
     robust_noise: float = typer.Option(None, help="Keep a success only if it survives noise of this many per-step "
                                                   "changes x sqrt(T) on its last state (0: off; default 0.7)."),
     robust_share: float = typer.Option(None, help="Share of noisy copies on which the task must still hold."),
+    compose: bool = typer.Option(False, "--compose",
+                                 help="Imagine conjunctions (hard all_of tasks) one part at a time, each part "
+                                      "prompted with a training phrasing of it (as `kalm run` does for hard)."),
+    segment_steps: int = typer.Option(None, help="With --compose: most steps per part (default 3)."),
 ) -> None:
     """Imagine labelled rollouts for a level's instructions with a grounded LLM."""
     try:
@@ -189,9 +193,10 @@ def imagine(
         generation = dataclasses.replace(base.generation, **{k: v for k, v in dict(
             temperature=temperature, max_steps=max_steps, batch_size=batch_size).items() if v is not None})
         chosen = {k: v for k, v in dict(keep_failures=keep_failures, physics_filter=physics_filter,
-                                        robust_noise=robust_noise, robust_share=robust_share).items()
+                                        robust_noise=robust_noise, robust_share=robust_share,
+                                        segment_steps=segment_steps).items()
                   if v is not None}
-        config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back,
+        config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back, compose=compose,
                                      generation=generation, **chosen)
         result = run_imagine(grounded, spec, config)
         stats_path = out.with_name(out.name + ".stats.json")

@@ -62,17 +62,23 @@ class PipelineConfig:
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     imagine_levels: tuple[str, ...] = NOVEL_LEVELS
     # (level, n) pairs overriding ``imagine.n`` for a level. A fifth to a third of the
-    # rollouts reach their goal in imagination (none for hard tasks), so volume matters;
-    # one-push (easy) rollouts are one step each and cheap, multi-push ones are not.
-    imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 2400), ("easy", 1920), ("hard", 120))
+    # rollouts reach their goal in imagination, and only ~2 % of the composed hard ones
+    # survive every check, so volume matters; one-push (easy) rollouts are one step
+    # each and cheap, multi-push ones are not.
+    imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 2400), ("easy", 1920), ("hard", 4800))
     # (level, T) pairs overriding ``imagine.generation.max_steps`` for a level. Rephrase
     # rollouts are capped at 5 steps (the expert needs 2.8 pushes on average): imagined
     # rollouts longer than three pushes were real on replay only 9-30 % of the time, and
     # the steps saved pay for five times as many rollouts. Measured with the GPU-grounded
     # model (900 fresh episodes, 3 seeds): rephrase 41.2 % with 480 uncapped rollouts,
     # 46.2 % with 2,400 capped ones (baseline 37.1 %); with the CPU-grounded one 34.1 %
-    # against 34.9 %.
-    imagine_max_steps: tuple[tuple[str, int], ...] = (("rephrase", 5),)
+    # against 34.9 %. Hard tasks that are not conjunctions (line, circle) are imagined
+    # whole and capped at 4 steps: none of them was ever kept (0 of 120 at up to 50
+    # steps), and at 50 steps a thousand of them would cost minutes.
+    imagine_max_steps: tuple[tuple[str, int], ...] = (("rephrase", 5), ("hard", 4))
+    # Levels whose conjunctions (hard ``all_of`` tasks) are imagined one part at a time
+    # (ImagineConfig.compose; see kalm.imagine.compose for why and what it measured).
+    imagine_composed: tuple[str, ...] = ("hard",)
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
     # imaginary_ratio 0.1, not the paper's 0.5: with a few hundred imagined rollouts
     # against 1,600 real episodes, half of every batch repeats them ~2,000 times each
@@ -245,7 +251,7 @@ def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded,
     generation = config.imagine.generation
     generation = replace(generation, max_steps=dict(config.imagine_max_steps).get(level, generation.max_steps))
     imagine_config = replace(config.imagine, level=level, n=dict(config.imagine_counts).get(level, config.imagine.n),
-                             generation=generation)
+                             compose=config.imagine.compose or level in config.imagine_composed, generation=generation)
 
     def build(work: Path):
         result = imagine(_model(grounded, spec, model_cache), spec, imagine_config)
@@ -409,7 +415,8 @@ def check_config(config: PipelineConfig) -> EnvSpec:
                 shown = list(pair) if isinstance(pair, tuple) else pair
                 raise ValueError(f"config field {name!r}: expected [level, {value} >= 1] pairs, got {shown!r}")
     unknown = [level for level in (*config.imagine_levels, *dict(config.imagine_counts),
-                                   *dict(config.imagine_max_steps)) if level not in spec.levels]
+                                   *dict(config.imagine_max_steps), *config.imagine_composed)
+               if level not in spec.levels]
     if unknown:
         raise ValueError(f"config field 'imagine_levels': unknown level {unknown[0]!r} "
                          f"(levels: {', '.join(spec.levels)})")

@@ -222,12 +222,13 @@ def test_imagine_command_defaults_are_the_config_defaults(tiny_model, tmp_path, 
 
     monkeypatch.setattr(rollouts, "imagine", capture)
     base = ["imagine", "--model", str(tmp_path / "model"), "--level", "easy", "--out", str(tmp_path / "x.h5")]
-    for extra in ([], ["--keep-failures", "--no-physics-filter", "--robust-noise", "0", "--robust-share", "0.9"]):
+    for extra in ([], ["--keep-failures", "--no-physics-filter", "--robust-noise", "0", "--robust-share", "0.9",
+                       "--compose", "--segment-steps", "2"]):
         result = CliRunner().invoke(app, base + extra)
         assert result.exit_code == 2 and "captured" in result.output
-    fields = ("keep_failures", "physics_filter", "robust_noise", "robust_share")
+    fields = ("keep_failures", "physics_filter", "robust_noise", "robust_share", "compose", "segment_steps")
     assert [getattr(seen[0], f) for f in fields] == [getattr(ImagineConfig(), f) for f in fields]
-    assert [getattr(seen[1], f) for f in fields] == [True, False, 0.0, 0.9]
+    assert [getattr(seen[1], f) for f in fields] == [True, False, 0.0, 0.9, True, 2]
 
 
 def _two_balls(red, blue):
@@ -307,3 +308,104 @@ def test_replaying_imagined_rollouts_counts_real_successes():
     stats = replay_imagined(spec, EpisodeDataset(env="clevr", episodes=(real, wrong), metadata={}))
     assert stats == {"replayed": 2, "real_success": 1, "not_replayable": 0, "real_success_share": 0.5}
     assert replay_imagined(spec, None)["real_success_share"] is None
+
+
+def _place(state, relation):
+    """``state`` with the relation's object 0.25 from its anchor in its direction."""
+    from kalm.envs.clevr.tasks import COLOURS, DIRECTIONS
+
+    moved = np.array(state, dtype=np.float32)
+    anchor = moved[2 * COLOURS.index(relation.anchor): 2 * COLOURS.index(relation.anchor) + 2]
+    obj = 2 * COLOURS.index(relation.object)
+    moved[obj: obj + 2] = anchor + 0.25 * np.array(DIRECTIONS[relation.direction], np.float32)
+    return moved
+
+
+def _scripted_segments(spec, calls, refuse=None):
+    """A stand-in for the LLM: each segment reads its prompt back as a relation and
+    pushes the object there in one step, except for ``refuse``'s object, which stays."""
+    from kalm.imagine.generate import GeneratedRollout
+
+    def generate(model, texts, starts, config, stop=None, seed=0, progress=None, carried_state=()):
+        out = []
+        for k, (text, start) in enumerate(zip(texts, starts)):
+            part = spec.parse_instruction(text)
+            calls.append((part, np.array(start)))
+            after = np.array(start) if refuse is not None and part.object == refuse else _place(start, part)
+            assert stop(k, after) or refuse is not None
+            out.append(GeneratedRollout(text, np.stack([start, after]), np.array([7]), "stop"))
+        return out
+
+    return generate
+
+
+def test_composed_rollouts_chain_one_segment_per_part(tiny_model, monkeypatch):
+    """Each part is prompted with a training phrasing of that part alone, from the state
+    where the previous part's segment ended; the chain is labelled with the composite."""
+    from kalm.envs.clevr.tasks import AllOf
+    from kalm.envs.spec import Instruction
+    from kalm.imagine import compose, rollouts
+
+    spec = get_spec("clevr")
+    parts = (Relation("red", "blue", "left"), Relation("green", "cyan", "behind"))
+    task, text = AllOf(parts), "Put red left of blue, then green behind cyan"
+    start = np.array([0.3, 0.1, -0.2, 0.1, 0.0, 0.0, -0.4, 0.4, 0.3, 0.4], np.float32)
+    assert not any(p.success(start, start) for p in parts)
+    calls = []
+    monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls))
+    monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)], start[None]))
+    config = ImagineConfig(level="hard", n=1, compose=True, physics_filter=False, robust_noise=0.0)
+    result = rollouts.imagine(tiny_model, spec, config, progress=False)
+
+    assert [c[0] for c in calls] == list(parts)
+    np.testing.assert_array_equal(calls[1][1], _place(start, parts[0]))
+    (episode,) = result.dataset.episodes
+    assert episode.instruction == text and episode.task == task.to_json()
+    assert episode.length == 2 and episode.terminated and episode.rewards[-1] == 1.0
+    np.testing.assert_array_equal(episode.observations[-1], _place(_place(start, parts[0]), parts[1]))
+
+
+def test_a_chain_stops_at_its_first_failed_part_and_held_parts_take_no_step(tiny_model, monkeypatch):
+    from kalm.envs.clevr.tasks import AllOf
+    from kalm.envs.spec import Instruction
+    from kalm.imagine import compose
+
+    spec = get_spec("clevr")
+    start = np.array([0.3, 0.1, 0.0, 0.1, 0.0, -0.2, -0.4, 0.4, 0.3, 0.4], np.float32)
+    held = Relation("blue", "red", "left")  # blue is already left of red
+    assert held.success(start, start)
+    failing = AllOf((Relation("green", "cyan", "behind"), Relation("red", "blue", "left")))
+    reached = AllOf((held, Relation("cyan", "purple", "front")))
+    broken = AllOf((held, Relation("red", "purple", "front")))  # moving red undoes the held part
+    calls = []
+    monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls, refuse="green"))
+    prompts = [Instruction("a", failing), Instruction("b", reached), Instruction("c", broken)]
+    chains = compose.imagine_composed(tiny_model, spec, prompts, np.stack([start] * 3), GenerationConfig(),
+                                      segment_steps=3, seed=0)
+    # no second part after a failure; the held first parts take no step
+    assert [c[0] for c in calls] == [failing.tasks[0], reached.tasks[1], broken.tasks[1]]
+    first, second, third = chains.rollouts
+    assert len(first.actions) == 1 and not failing.success(first.states[-1], start)
+    assert len(second.actions) == 1 and reached.success(second.states[-1], start)
+    assert len(third.actions) == 1 and not broken.success(third.states[-1], start)
+    assert chains.last_segment_steps == [1, 1, 1]
+    with pytest.raises(ValueError, match="not a conjunction"):
+        compose.imagine_composed(tiny_model, spec, [Instruction("c", held)], start[None], GenerationConfig(), 3, 0)
+
+
+def test_composed_imagination_with_a_real_model_bounds_each_part(tiny_model):
+    """With the (untrained) tiny LLM: conjunctions take at most ``segment_steps`` per
+    part; the level's other tasks (line, circle) are imagined whole."""
+    from kalm.envs.spec import subgoals
+
+    spec = get_spec("clevr")
+    config = ImagineConfig(level="hard", n=8, compose=True, segment_steps=2, keep_failures=True,
+                           physics_filter=False, robust_noise=0.0, generation=GenerationConfig(max_steps=3))
+    result = imagine(tiny_model, spec, config, progress=False)
+    assert result.stats["counts"]["generated"] == 8
+    parsed = [(spec.parse_task(e.task), e.length) for e in result.dataset.episodes]
+    assert any(subgoals(t) for t, _ in parsed)
+    for task, length in parsed:
+        assert length <= (2 * len(subgoals(task)) if subgoals(task) else 3)
+    with pytest.raises(ValueError, match="segment_steps"):
+        ImagineConfig(segment_steps=0)

@@ -71,6 +71,14 @@ def same_task(a: Task, b: Task) -> bool:
     return goal_key(a) == goal_key(b)
 
 
+def subgoals(task: Task) -> tuple[Task, ...]:
+    """The parts of a conjunction, in order: a task kind that means "all of these at
+    once" holds them in a ``tasks`` tuple (CLEVR-Robot's ``all_of``). ``()`` for any
+    other task. Imagination can compose a conjunction from one segment per part."""
+    parts = getattr(task, "tasks", None)
+    return tuple(parts) if parts else ()
+
+
 @dataclass(frozen=True)
 class Instruction:
     """One instruction of an evaluation level: the text and the task it means."""

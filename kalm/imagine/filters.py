@@ -60,7 +60,7 @@ def is_plausible(violations: list[dict[str, bool]]) -> bool:
 
 
 def robust_success_share(task: Task, states: np.ndarray, step_scale: np.ndarray, noise: float,
-                         rng: np.random.Generator, copies: int = 64) -> float:
+                         rng: np.random.Generator, copies: int = 64, steps: int | None = None) -> float:
     """The share of perturbed copies of the last imagined state on which ``task`` holds.
 
     Why: an imagined rollout is cut at the first state where the predicate holds, so
@@ -68,14 +68,15 @@ def robust_success_share(task: Task, states: np.ndarray, step_scale: np.ndarray,
     imagined physics decides success. The copies get Gaussian noise of
     ``noise * step_scale * sqrt(T)`` per coordinate (``step_scale``: the dataset's
     per-step change, the unit grounding predicts in; ``T`` pushes, since a free-running
-    model's error grows with every step it feeds back). A low share means the model's
+    model's error grows with every step it feeds back; ``steps`` overrides ``T`` where
+    only the last pushes were imagined towards this predicate, as in a composed rollout). A low share means the model's
     own error could undo the success. On the 300-step CPU-grounded CLEVR model (514
     kept rephrase rollouts, 58 % real on replay), requiring half of the copies at
     ``noise`` 0.7 kept 327 rollouts, 76 % real; on easy 508 of 590, 89 % against 84 %
     real. In the pipeline (400-step model, BC, 3 x 300 episodes) it raised easy success
     from 57.9 to 64.0 %; rephrase went from 40.2 to 41.1 %, within noise.
     """
-    steps = max(len(states) - 1, 1)
+    steps = max(len(states) - 1 if steps is None else steps, 1)
     sigma = noise * np.asarray(step_scale, dtype=np.float64) * np.sqrt(steps)
     final, start = np.asarray(states[-1], dtype=np.float64), states[0]
     perturbed = final + rng.normal(size=(copies, final.shape[0])) * sigma

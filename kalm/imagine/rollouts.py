@@ -13,8 +13,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kalm.data.episodes import EpisodeDataset
-from kalm.envs.spec import EnvSpec, Instruction
-from kalm.imagine.filters import HallucinationStats, check_rollout, is_plausible, robust_success_share
+from kalm.envs.spec import EnvSpec, Instruction, subgoals
+from kalm.imagine.compose import imagine_composed
+from kalm.imagine.filters import (
+    HallucinationStats,
+    check_rollout,
+    is_plausible,
+    robust_success_share,
+)
 from kalm.imagine.generate import GenerationConfig, generate_rollouts
 from kalm.imagine.label import label_rollout
 
@@ -36,6 +42,9 @@ class ImagineConfig:
     ``robust_share`` of noisy copies of its last imagined state
     (:func:`~kalm.imagine.filters.robust_success_share`; noise in units of the
     dataset's per-step change; 0 switches the filter off).
+    ``compose``: imagine an instruction whose task is a conjunction (CLEVR-Robot's
+    ``all_of``) as a chain of single-goal segments of at most ``segment_steps`` each
+    (:mod:`kalm.imagine.compose`); other instructions of the level are imagined whole.
     """
 
     level: str = "rephrase"
@@ -47,6 +56,8 @@ class ImagineConfig:
     explain_back: bool = False
     robust_noise: float = 0.7
     robust_share: float = 0.5
+    compose: bool = False
+    segment_steps: int = 3
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
@@ -54,6 +65,8 @@ class ImagineConfig:
             raise ValueError(f"robust_noise must be >= 0 (0 switches the filter off), got {self.robust_noise}")
         if not 0 < self.robust_share <= 1:
             raise ValueError(f"robust_share must lie in (0, 1], got {self.robust_share}")
+        if self.segment_steps < 1:
+            raise ValueError(f"segment_steps must be at least 1, got {self.segment_steps}")
 
 
 @dataclass(frozen=True)
@@ -107,17 +120,36 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     horizons = [spec.horizon(t) for t in tasks]
     steps = np.zeros(len(tasks), dtype=np.int64)
 
+    by_parts = [config.compose and bool(subgoals(task)) for task in tasks]
+    composed = [i for i, by in enumerate(by_parts) if by]
+    whole = [i for i, by in enumerate(by_parts) if not by]
+    generated: list = [None] * len(instructions)
+    robust_steps: list[int | None] = [None] * len(instructions)
+
     def reached_goal(index: int, state: np.ndarray) -> bool:
         """Stop at success, or where the task's own horizon ends the episode."""
-        steps[index] += 1
-        return bool(tasks[index].success(state, starts[index])) or steps[index] >= horizons[index]
+        i = whole[index]
+        steps[i] += 1
+        return bool(tasks[i].success(state, starts[i])) or steps[i] >= horizons[i]
 
-    bar = tqdm(total=len(instructions), desc=f"imagine {config.level}", unit="rollout", disable=not progress)
-    generated = generate_rollouts(
-        model, [i.text for i in instructions], starts, config.generation, stop=reached_goal, seed=config.seed,
-        progress=bar.update, carried_state=spec.carried_state,
-    )
+    bar = tqdm(total=len(whole), desc=f"imagine {config.level}", unit="rollout", disable=not progress or not whole)
+    if whole:
+        rollouts = generate_rollouts(
+            model, [instructions[i].text for i in whole], starts[whole], config.generation, stop=reached_goal,
+            seed=config.seed, progress=bar.update, carried_state=spec.carried_state,
+        )
+        for i, rollout in zip(whole, rollouts):
+            generated[i] = rollout
     bar.close()
+    if composed:
+        bar = tqdm(desc=f"imagine {config.level} part by part", unit="segment", disable=not progress)
+        chains = imagine_composed(
+            model, spec, [instructions[i] for i in composed], starts[composed], config.generation,
+            config.segment_steps, config.seed, config.robust_noise, config.robust_share, progress=bar.update,
+        )
+        bar.close()
+        for i, rollout, last in zip(composed, chains.rollouts, chains.last_segment_steps):
+            generated[i], robust_steps[i] = rollout, last
 
     stats = HallucinationStats()
     kept, kept_tasks, counts = [], [], {"generated": len(generated), "succeeded": 0, "non_finite": 0,
@@ -125,7 +157,7 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
                                          "dropped_explain_back": 0}
     noise_rng = np.random.default_rng(config.seed)
     step_scale = model.io.delta_std.detach().cpu().numpy()
-    for rollout, task in zip(generated, tasks):
+    for rollout, task, robust_over in zip(generated, tasks, robust_steps):
         violations = check_rollout(spec, rollout.states, rollout.actions)
         stats.add(violations)
         if not np.all(np.isfinite(rollout.states)) or len(rollout.actions) == 0:
@@ -138,7 +170,8 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
                                            config.reward)
         counts["succeeded"] += succeeded
         if succeeded and config.robust_noise > 0 and robust_success_share(
-                task, episode.observations, step_scale, config.robust_noise, noise_rng) < config.robust_share:
+                task, episode.observations, step_scale, config.robust_noise, noise_rng,
+                steps=robust_over) < config.robust_share:
             counts["dropped_fragile"] += 1
             continue
         if not succeeded and not config.keep_failures:

@@ -1,0 +1,127 @@
+"""Imagine a conjunction of goals one part at a time.
+
+Why: asked directly for "put the red ball left of the blue one and the green ball
+behind the cyan one", the grounded CLEVR-Robot LLM ends its rollout after about three
+pushes, as the single-goal rollouts it was grounded on do, and no rollout reached such
+a goal (0 of 120 with the 400-step CPU model). Its single-goal generation is what
+grounding trained, so the composite is imagined as a chain: each segment is prompted
+with a training phrasing of one part and starts from the state where the previous
+segment ended; the whole chain is labelled with the composite instruction. The task
+structure comes from the task itself (:func:`kalm.envs.spec.subgoals`), as the success
+predicate that labels every imagined rollout does; states and actions all come from
+the LLM. Measured on the same model (8,000 CLEVR prompts, at most 3 pushes per part):
+141 rollouts kept, 40 % of them real on replay, and BC's hard success rose from 3.9 to
+5.7 % (3 seeds x 300 episodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from kalm.envs.spec import EnvSpec, Instruction, Task, subgoals
+from kalm.imagine.filters import robust_success_share
+from kalm.imagine.generate import GeneratedRollout, GenerationConfig, generate_rollouts
+
+
+@dataclass(frozen=True)
+class _AllHold:
+    """The parts reached so far, as one predicate for the robustness check."""
+
+    parts: tuple[Task, ...]
+    kind: str = "all_of"
+
+    def success(self, state: np.ndarray, start: np.ndarray) -> bool:
+        return all(p.success(state, start) for p in self.parts)
+
+
+@dataclass
+class ComposedRollouts:
+    """One rollout per prompt and, per rollout, how many of its last steps were
+    imagined towards the final part (the robustness check's ``steps``)."""
+
+    rollouts: list[GeneratedRollout]
+    last_segment_steps: list[int]
+
+
+def _segment_stop(goals: Sequence[Task], starts: Sequence[np.ndarray], limit: int) -> Callable[[int, np.ndarray], bool]:
+    """Stop a segment where its part holds in imagination, or after ``limit`` steps."""
+    taken = np.zeros(len(goals), dtype=np.int64)
+
+    def stop(k: int, state: np.ndarray) -> bool:
+        taken[k] += 1
+        return bool(goals[k].success(state, starts[k])) or taken[k] >= limit
+
+    return stop
+
+
+def imagine_composed(
+    model,
+    spec: EnvSpec,
+    instructions: Sequence[Instruction],
+    starts: np.ndarray,
+    generation: GenerationConfig,
+    segment_steps: int,
+    seed: int,
+    robust_noise: float = 0.0,
+    robust_share: float = 0.5,
+    progress: Callable[[int], None] | None = None,
+) -> ComposedRollouts:
+    """Chain one imagined segment per part of each instruction's conjunction.
+
+    A part that already holds takes no step. A segment that ends without its part
+    holding in imagination, or with an earlier part broken, ends the chain there: the
+    rollout is returned as it stands and its label says it failed. With
+    ``robust_noise`` > 0 each part but the last must also hold robustly, together with
+    the earlier ones (the caller checks the whole conjunction at the end, with
+    ``last_segment_steps``)."""
+    parts = [subgoals(ins.task) for ins in instructions]
+    if not all(parts):
+        missing = next(ins for ins, p in zip(instructions, parts) if not p)
+        raise ValueError(f"not a conjunction of goals: {missing.task.to_json()} ({missing.text!r})")
+    if segment_steps < 1:
+        raise ValueError(f"segment_steps must be at least 1, got {segment_steps}")
+    rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng(seed + 1)
+    step_scale = model.io.delta_std.detach().cpu().numpy()
+    generation = replace(generation, max_steps=segment_steps)
+    n = len(instructions)
+    states = [[np.asarray(s, dtype=np.float32)] for s in starts]
+    actions: list[list] = [[] for _ in range(n)]
+    last_steps = [0] * n
+    stopped_by = ["stop"] * n
+    alive = list(range(n))
+    for j in range(max(len(p) for p in parts)):
+        rows = [i for i in alive if j < len(parts[i])]
+        pending = [i for i in rows if not parts[i][j].success(states[i][-1], starts[i])]
+        if not pending:
+            continue
+        goals = [parts[i][j] for i in pending]
+        texts = [spec.training_instruction(goal, rng) for goal in goals]
+        stop = _segment_stop(goals, [starts[i] for i in pending], segment_steps)
+        segment = generate_rollouts(
+            model, texts, np.stack([states[i][-1] for i in pending]), generation, stop=stop,
+            seed=seed + j, progress=progress, carried_state=spec.carried_state,
+        )
+        failed = set()
+        for i, rollout in zip(pending, segment):
+            states[i].extend(rollout.states[1:])
+            actions[i].extend(rollout.actions)
+            last_steps[i], stopped_by[i] = len(rollout.actions), rollout.stopped_by
+            held = _AllHold(parts[i][: j + 1])
+            final = states[i][-1]
+            ok = len(rollout.actions) > 0 and np.all(np.isfinite(final)) and held.success(final, starts[i])
+            if ok and robust_noise > 0 and j < len(parts[i]) - 1:
+                ok = robust_success_share(held, np.stack(states[i]), step_scale, robust_noise, noise_rng,
+                                          steps=last_steps[i]) >= robust_share
+            if not ok:
+                failed.add(i)
+        alive = [i for i in alive if i not in failed]
+    rollouts = []
+    for i, ins in enumerate(instructions):
+        acts = np.asarray(actions[i]) if actions[i] else np.zeros((0, *spec.action_space.shape),
+                                                                   dtype=spec.action_space.dtype)
+        rollouts.append(GeneratedRollout(ins.text, np.stack(states[i]), acts, stopped_by[i]))
+    return ComposedRollouts(rollouts, last_steps)
