@@ -310,20 +310,24 @@ def test_replaying_imagined_rollouts_counts_real_successes():
     assert replay_imagined(spec, None)["real_success_share"] is None
 
 
-def _place(state, relation):
-    """``state`` with the relation's object 0.25 from its anchor in its direction."""
+def _place(state, relation, distance=0.25, angle=0.0):
+    """``state`` with the relation's object ``distance`` from its anchor, ``angle``
+    degrees off the relation's direction."""
     from kalm.envs.clevr.tasks import COLOURS, DIRECTIONS
 
     moved = np.array(state, dtype=np.float32)
     anchor = moved[2 * COLOURS.index(relation.anchor): 2 * COLOURS.index(relation.anchor) + 2]
     obj = 2 * COLOURS.index(relation.object)
-    moved[obj: obj + 2] = anchor + 0.25 * np.array(DIRECTIONS[relation.direction], np.float32)
+    c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+    rotated = np.array([[c, -s], [s, c]]) @ np.array(DIRECTIONS[relation.direction])
+    moved[obj: obj + 2] = anchor + distance * rotated.astype(np.float32)
     return moved
 
 
-def _scripted_segments(spec, calls, refuse=None):
+def _scripted_segments(spec, calls, refuse=None, border=None):
     """A stand-in for the LLM: each segment reads its prompt back as a relation and
-    pushes the object there in one step, except for ``refuse``'s object, which stays."""
+    pushes the object there in one step, except for ``refuse``'s object, which stays,
+    and ``border``'s, which lands just inside the edge of the goal's sector."""
     from kalm.imagine.generate import GeneratedRollout
 
     def generate(model, texts, starts, config, stop=None, seed=0, progress=None, carried_state=()):
@@ -331,7 +335,8 @@ def _scripted_segments(spec, calls, refuse=None):
         for k, (text, start) in enumerate(zip(texts, starts)):
             part = spec.parse_instruction(text)
             calls.append((part, np.array(start)))
-            after = np.array(start) if refuse is not None and part.object == refuse else _place(start, part)
+            after = np.array(start) if part.object == refuse else (
+                _place(start, part, 0.37, 44.5) if part.object == border else _place(start, part))
             assert stop(k, after) or refuse is not None
             out.append(GeneratedRollout(text, np.stack([start, after]), np.array([7]), "stop"))
         return out
@@ -384,13 +389,31 @@ def test_a_chain_stops_at_its_first_failed_part_and_held_parts_take_no_step(tiny
                                       segment_steps=3, seed=0)
     # no second part after a failure; the held first parts take no step
     assert [c[0] for c in calls] == [failing.tasks[0], reached.tasks[1], broken.tasks[1]]
-    first, second, third = chains.rollouts
+    first, second, third = chains
     assert len(first.actions) == 1 and not failing.success(first.states[-1], start)
     assert len(second.actions) == 1 and reached.success(second.states[-1], start)
     assert len(third.actions) == 1 and not broken.success(third.states[-1], start)
-    assert chains.last_segment_steps == [1, 1, 1]
     with pytest.raises(ValueError, match="not a conjunction"):
         compose.imagine_composed(tiny_model, spec, [Instruction("c", held)], start[None], GenerationConfig(), 3, 0)
+
+
+@pytest.mark.parametrize("border", [None, "red"])
+def test_each_part_must_hold_robustly_before_the_next_is_asked_for(tiny_model, monkeypatch, border):
+    """With the robustness check on, a part reached just inside its goal border ends
+    the chain (its success could be the model's error); reached deep inside, it goes on."""
+    from kalm.envs.clevr.tasks import AllOf
+    from kalm.envs.spec import Instruction
+    from kalm.imagine import compose
+
+    spec = get_spec("clevr")
+    task = AllOf((Relation("red", "blue", "left"), Relation("green", "cyan", "behind")))
+    start = np.array([0.3, 0.1, -0.2, 0.1, 0.0, 0.0, -0.4, 0.4, 0.3, 0.4], np.float32)
+    calls = []
+    monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls, border=border))
+    (chain,) = compose.imagine_composed(tiny_model, spec, [Instruction("a", task)], start[None], GenerationConfig(),
+                                        segment_steps=3, seed=0, robust_noise=0.7)
+    assert len(calls) == (1 if border else 2)
+    assert task.success(chain.states[-1], start) == (border is None)
 
 
 def test_composed_imagination_with_a_real_model_bounds_each_part(tiny_model):

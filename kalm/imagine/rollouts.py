@@ -124,7 +124,6 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     composed = [i for i, by in enumerate(by_parts) if by]
     whole = [i for i, by in enumerate(by_parts) if not by]
     generated: list = [None] * len(instructions)
-    robust_steps: list[int | None] = [None] * len(instructions)
 
     def reached_goal(index: int, state: np.ndarray) -> bool:
         """Stop at success, or where the task's own horizon ends the episode."""
@@ -148,8 +147,8 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
             config.segment_steps, config.seed, config.robust_noise, config.robust_share, progress=bar.update,
         )
         bar.close()
-        for i, rollout, last in zip(composed, chains.rollouts, chains.last_segment_steps):
-            generated[i], robust_steps[i] = rollout, last
+        for i, rollout in zip(composed, chains):
+            generated[i] = rollout
 
     stats = HallucinationStats()
     kept, kept_tasks, counts = [], [], {"generated": len(generated), "succeeded": 0, "non_finite": 0,
@@ -157,7 +156,7 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
                                          "dropped_explain_back": 0}
     noise_rng = np.random.default_rng(config.seed)
     step_scale = model.io.delta_std.detach().cpu().numpy()
-    for rollout, task, robust_over in zip(generated, tasks, robust_steps):
+    for rollout, task, checked_per_part in zip(generated, tasks, by_parts):
         violations = check_rollout(spec, rollout.states, rollout.actions)
         stats.add(violations)
         if not np.all(np.isfinite(rollout.states)) or len(rollout.actions) == 0:
@@ -169,9 +168,8 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         episode, succeeded = label_rollout(spec, task, rollout.instruction, rollout.states, rollout.actions,
                                            config.reward)
         counts["succeeded"] += succeeded
-        if succeeded and config.robust_noise > 0 and robust_success_share(
-                task, episode.observations, step_scale, config.robust_noise, noise_rng,
-                steps=robust_over) < config.robust_share:
+        if succeeded and config.robust_noise > 0 and not checked_per_part and robust_success_share(
+                task, episode.observations, step_scale, config.robust_noise, noise_rng) < config.robust_share:
             counts["dropped_fragile"] += 1
             continue
         if not succeeded and not config.keep_failures:
