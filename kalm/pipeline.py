@@ -66,7 +66,7 @@ class PipelineConfig:
     # survive every check, so volume matters; one-push (easy) rollouts are one step
     # each and cheap, multi-push ones are not. Hard, measured with the 400-step CPU
     # model (BC, 3 x 300 episodes, baseline 3.9 %): 4,800 prompts kept 116 rollouts
-    # (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard 6.1 %, for 100 s more.
+    # (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard 6.1-6.4 %, 100-150 s more.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 2400), ("easy", 1920), ("hard", 8000))
     # (level, T) pairs overriding ``imagine.generation.max_steps`` for a level. Rephrase
     # rollouts are capped at 5 steps (the expert needs 2.8 pushes on average): imagined

@@ -11,8 +11,8 @@ structure comes from the task itself (:func:`kalm.envs.spec.subgoals`), as the s
 predicate that labels every imagined rollout does; every state and action comes from
 the LLM. Measured in ``kalm run --config clevr-default`` (400-step CPU-grounded model,
 8,000 hard prompts, at most 3 pushes per part): 157 rollouts kept, 32 % of them real on
-replay, and KALM's hard success 6.1 % against 3.9 % for the baseline (paired +2.2 points,
-95 % interval [+0.4, +4.1]; 3 seeds x 300 episodes).
+replay, and KALM's hard success 6.4 % against 3.9 % for the baseline (paired +2.6 points,
+95 % interval [+0.7, +4.5]; 3 seeds x 300 episodes).
 """
 
 from __future__ import annotations
