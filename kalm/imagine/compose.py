@@ -22,20 +22,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from kalm.envs.spec import EnvSpec, Instruction, Task, subgoals
+from kalm.envs.spec import EnvSpec, Instruction, subgoals
 from kalm.imagine.filters import robust_success_share
-from kalm.imagine.generate import GeneratedRollout, GenerationConfig, generate_rollouts
-
-
-def _segment_stop(goals: Sequence[Task], starts: Sequence[np.ndarray], limit: int) -> Callable[[int, np.ndarray], bool]:
-    """Stop a segment where its part holds in imagination, or after ``limit`` steps."""
-    taken = np.zeros(len(goals), dtype=np.int64)
-
-    def stop(k: int, state: np.ndarray) -> bool:
-        taken[k] += 1
-        return bool(goals[k].success(state, starts[k])) or taken[k] >= limit
-
-    return stop
+from kalm.imagine.generate import (
+    GeneratedRollout,
+    GenerationConfig,
+    generate_rollouts,
+    stop_at_goal,
+)
 
 
 def imagine_composed(
@@ -82,7 +76,7 @@ def imagine_composed(
             continue
         goals = [parts[i][j] for i in pending]
         texts = [spec.training_instruction(goal, rng) for goal in goals]
-        stop = _segment_stop(goals, [starts[i] for i in pending], segment_steps)
+        stop = stop_at_goal(goals, [starts[i] for i in pending], [segment_steps] * len(pending))
         segment = generate_rollouts(
             model, texts, np.stack([states[i][-1] for i in pending]), generation, stop=stop,
             seed=seed + j, progress=progress, carried_state=spec.carried_state,

@@ -24,6 +24,19 @@ import torch
 StopFn = Callable[[int, np.ndarray], bool]
 
 
+def stop_at_goal(tasks: Sequence, starts: Sequence[np.ndarray], limits: Sequence[int]) -> StopFn:
+    """A stop function for :func:`generate_rollouts`: rollout ``k`` ends at the first
+    imagined state where ``tasks[k]`` holds (from ``starts[k]``), or after ``limits[k]``
+    steps (the task's horizon, or a composed segment's length)."""
+    taken = np.zeros(len(tasks), dtype=np.int64)
+
+    def stop(k: int, state: np.ndarray) -> bool:
+        taken[k] += 1
+        return bool(tasks[k].success(state, starts[k])) or taken[k] >= limits[k]
+
+    return stop
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How rollouts are sampled.

@@ -21,7 +21,7 @@ from kalm.imagine.filters import (
     is_plausible,
     robust_success_share,
 )
-from kalm.imagine.generate import GenerationConfig, generate_rollouts
+from kalm.imagine.generate import GenerationConfig, generate_rollouts, stop_at_goal
 from kalm.imagine.label import label_rollout
 
 
@@ -117,24 +117,16 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     """Generate, check, filter and label ``config.n`` rollouts of ``config.level``."""
     instructions, starts = sample_prompts(spec, config.level, config.n, config.seed)
     tasks = [ins.task for ins in instructions]
-    horizons = [spec.horizon(t) for t in tasks]
-    steps = np.zeros(len(tasks), dtype=np.int64)
-
     by_parts = [config.compose and bool(subgoals(task)) for task in tasks]
     composed = [i for i, by in enumerate(by_parts) if by]
     whole = [i for i, by in enumerate(by_parts) if not by]
     generated: list = [None] * len(instructions)
 
-    def reached_goal(index: int, state: np.ndarray) -> bool:
-        """Stop at success, or where the task's own horizon ends the episode."""
-        i = whole[index]
-        steps[i] += 1
-        return bool(tasks[i].success(state, starts[i])) or steps[i] >= horizons[i]
-
     bar = tqdm(total=len(whole), desc=f"imagine {config.level}", unit="rollout", disable=not progress or not whole)
     if whole:
         rollouts = generate_rollouts(
-            model, [instructions[i].text for i in whole], starts[whole], config.generation, stop=reached_goal,
+            model, [instructions[i].text for i in whole], starts[whole], config.generation,
+            stop=stop_at_goal([tasks[i] for i in whole], starts[whole], [spec.horizon(tasks[i]) for i in whole]),
             seed=config.seed, progress=bar.update, carried_state=spec.carried_state,
         )
         for i, rollout in zip(whole, rollouts):
