@@ -3,6 +3,7 @@ every stage and print one markdown table per stage (also written as JSON).
 
 Sections: environment speed and expert success; grounding tokens/s and peak memory
 (LoRA vs full, SmolLM2 and the tiny test model); KV-cached vs recomputed generation;
+shared vs separate prefill for several start states per instruction; fp32 vs bf16 inference;
 offline RL steps/s; end-to-end stage times of a finished ``kalm run`` directory.
 """
 
@@ -70,6 +71,14 @@ def main() -> None:
         lengths, batches = ((10, 25), (1, 8)) if args.quick else ((10, 25, 50), (1, 8, 32))
         table, rows = generation.run(model, lengths, batches, repeats=1 if args.quick else 3)
         sections["generation"] = {"table": table, "rows": rows}
+        print(table, "\n", flush=True)
+        table, rows = generation.run_shared_prefill(model, batch=16 if args.quick else 64,
+                                                    repeats=1 if args.quick else 3)
+        sections["shared_prefill"] = {"table": table, "rows": rows}
+        print(table, "\n", flush=True)
+        table, rows = generation.run_precision(model, batch=16 if args.quick else 64,
+                                               rollouts=32 if args.quick else 128, repeats=1 if args.quick else 3)
+        sections["precision"] = {"table": table, "rows": rows}
         print(table, "\n", flush=True)
     if "offline" not in args.skip:
         from benchmarks import offline

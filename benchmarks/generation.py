@@ -92,3 +92,71 @@ def _run(model, lengths: Sequence[int], batches: Sequence[int], repeats: int,
         lines.append(f"| {r['T']} | {r['batch']} | {r['batch'] / r['cached_s']:.2f} | {r['tokens'] / r['cached_s']:.0f}"
                      f" | {rec[0]} | {rec[1]} | {rec[2]} | {rec[3]} |")
     return "\n".join(lines), rows
+
+
+def run_shared_prefill(model, batch: int = 64, steps: int = 5, starts: Sequence[int] = (1, 4, 8),
+                       repeats: int = 3) -> tuple[str, list[dict]]:
+    """Rollouts/s when ``k`` rows share each instruction (rephrased CLEVR instructions,
+    T = ``steps``, ``batch`` rows with their own start states), with and without the
+    shared prefill, side by side on identical inputs; trajectories must agree."""
+    with torch.no_grad():
+        spec = get_spec("clevr")
+        pool = [i.text for i in spec.levels["rephrase"](0)]
+        env = spec.make_env()
+        states = np.stack([env.reset(seed=i)[0] for i in range(batch)])
+        rng = np.random.default_rng(0)
+        rows = []
+        for k in starts:
+            drawn = [pool[int(rng.integers(len(pool)))] for _ in range(-(-batch // k))]
+            texts = [t for t in drawn for _ in range(k)][:batch]
+            timed = {}
+            for share in (False, True):
+                config = GenerationConfig(max_steps=steps, batch_size=batch, stop_on_done=False, share_prefill=share)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    out = generate_rollouts(model, texts, states, config)
+                    times.append(time.perf_counter() - start)
+                timed[share] = (statistics.median(times), out)
+            equal = all(np.array_equal(a.actions, b.actions) and np.allclose(a.states, b.states, atol=1e-4)
+                        for a, b in zip(timed[False][1], timed[True][1]))
+            if not equal:
+                raise AssertionError(f"shared and separate prefill disagree with {k} starts per instruction")
+            rows.append({"k": k, "batch": batch, "T": steps, "separate_s": timed[False][0], "shared_s": timed[True][0]})
+    lines = [f"## Shared prefill: k start states per instruction (batch {batch}, T = {steps}, rephrased instructions)",
+             "", "| k | separate rollouts/s | shared rollouts/s | speed-up | same trajectories |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {batch / r['separate_s']:.1f} | {batch / r['shared_s']:.1f} | "
+                     f"{r['separate_s'] / r['shared_s']:.2f}x | yes |")
+    return "\n".join(lines), rows
+
+
+def run_precision(model_fp32, batch: int = 64, steps: int = 5, rollouts: int = 128,
+                  repeats: int = 3) -> tuple[str, list[dict]]:
+    """Imagination-shaped generation (``rollouts`` rephrased prompts, T = ``steps``,
+    batches of ``batch``) with the LLM body in fp32 and then in bf16, side by side in
+    one process; the model is cast to bf16 in the course of it. Reports how many greedy
+    rollouts keep every action and the largest state difference."""
+    with torch.no_grad():
+        texts, starts = _prompts(rollouts)
+        config = GenerationConfig(max_steps=steps, batch_size=batch, stop_on_done=False)
+        timed = {}
+        for precision in ("fp32", "bf16"):
+            model_fp32.use_inference_precision(precision)
+            generate_rollouts(model_fp32, texts[:batch], starts[:batch], config)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = generate_rollouts(model_fp32, texts, starts, config)
+                times.append(time.perf_counter() - start)
+            timed[precision] = (statistics.median(times), out)
+    same = [np.array_equal(a.actions, b.actions) for a, b in zip(timed["fp32"][1], timed["bf16"][1])]
+    gap = max(float(np.abs(a.states - b.states).max()) for a, b, s in zip(timed["fp32"][1], timed["bf16"][1], same) if s)
+    row = {"rollouts": rollouts, "batch": batch, "T": steps, "fp32_s": timed["fp32"][0], "bf16_s": timed["bf16"][0],
+           "same_actions": float(np.mean(same)), "max_state_gap_same_actions": gap}
+    lines = [f"## Inference precision ({rollouts} rephrased prompts, batch {batch}, T = {steps}, greedy)", "",
+             "| fp32 rollouts/s | bf16 rollouts/s | speed-up | rollouts with every action equal | largest state gap "
+             "among those |", "|---|---|---|---|---|",
+             f"| {rollouts / row['fp32_s']:.1f} | {rollouts / row['bf16_s']:.1f} | {row['fp32_s'] / row['bf16_s']:.2f}x "
+             f"| {row['same_actions']:.0%} | {gap:.3f} |"]
+    return "\n".join(lines), [row]

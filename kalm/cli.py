@@ -173,6 +173,10 @@ def imagine(
                                  help="Imagine conjunctions (hard all_of tasks) one part at a time, each part "
                                       "prompted with a training phrasing of it (as `kalm run` does for hard)."),
     segment_steps: int = typer.Option(None, help="With --compose: most steps per part (default 3)."),
+    starts_per_instruction: int = typer.Option(None, help="Start states per drawn instruction; they share its "
+                                                          "prefill (default 1)."),
+    precision: str = typer.Option(None, help="auto | bf16 | fp32: the LLM body's dtype while imagining (default "
+                                             "auto: bf16 where the hardware has it)."),
 ) -> None:
     """Imagine labelled rollouts for a level's instructions with a grounded LLM."""
     try:
@@ -194,7 +198,9 @@ def imagine(
             temperature=temperature, max_steps=max_steps, batch_size=batch_size).items() if v is not None})
         chosen = {k: v for k, v in dict(keep_failures=keep_failures, physics_filter=physics_filter,
                                         robust_noise=robust_noise, robust_share=robust_share,
-                                        segment_steps=segment_steps).items()
+                                        segment_steps=segment_steps,
+                                        starts_per_instruction=starts_per_instruction,
+                                        precision=precision).items()
                   if v is not None}
         config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back, compose=compose,
                                      generation=generation, **chosen)

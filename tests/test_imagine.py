@@ -60,6 +60,74 @@ def test_batching_and_left_padding_do_not_change_a_rollout(tiny_model):
         np.testing.assert_allclose(a.states, b.states, atol=1e-4)
 
 
+def test_rows_sharing_an_instruction_share_its_prefill_without_changing_a_rollout(tiny_model, monkeypatch):
+    """Four start states for each of two instructions (of different lengths, so the
+    shared prefixes are left-padded): the same rollouts as one row at a time, and
+    the distinct prompts are what gets prefilled."""
+    from kalm.imagine import generate
+
+    instructions = ["Push the red ball left"] * 4 + ["Can you help me keep the green ball right of the cyan ball"] * 4
+    starts = _starts(8, seed=11)
+    config = GenerationConfig(max_steps=5, stop_on_done=False)
+    prefilled = []
+    real_start_shared = generate._Sequence.start_shared
+
+    def spy(self, rows, initial_states):
+        prefilled.append(self.prompt_embeds.shape[0])
+        return real_start_shared(self, rows, initial_states)
+
+    monkeypatch.setattr(generate._Sequence, "start_shared", spy)
+    shared = generate_rollouts(tiny_model, instructions, starts, config)
+    assert prefilled == [2]
+    alone = [generate_rollouts(tiny_model, [i], s[None], config)[0] for i, s in zip(instructions, starts)]
+    unshared = generate_rollouts(tiny_model, instructions, starts, GenerationConfig(max_steps=5, stop_on_done=False,
+                                                                                    share_prefill=False))
+    assert prefilled == [2]
+    recomputed = generate_rollouts(tiny_model, instructions, starts, GenerationConfig(max_steps=5, stop_on_done=False,
+                                                                                      use_cache=False))
+    for a, b, c, d in zip(shared, alone, recomputed, unshared):
+        np.testing.assert_array_equal(a.actions, d.actions)
+        np.testing.assert_allclose(a.states, d.states, atol=1e-4)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.actions, c.actions)
+        np.testing.assert_allclose(a.states, b.states, atol=1e-4)
+        np.testing.assert_allclose(a.states, c.states, atol=1e-4)
+    assert len({tuple(r.actions) for r in shared[:4]}) > 1 or len({r.states[1].tobytes() for r in shared[:4]}) > 1
+
+
+def test_bf16_inference_casts_the_llm_body_only_and_keeps_the_rollouts_close(tiny_backbone, tmp_path):
+    """A fresh model (the shared fixture stays fp32): in bf16 the transformer runs in
+    bf16, the I/O layers stay fp32, the first imagined step stays close to fp32's, and
+    the cast model refuses to be saved or cast back."""
+    torch.manual_seed(0)
+    spec = get_spec("clevr")
+    grounded = GroundedLMConfig(env="clevr", state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=True,
+                                backbone=str(tiny_backbone), finetune="full")
+    identity = NormStats.identity(spec.state_dim, spec.action_dim, True)
+    stats = NormStats(np.zeros(10, np.float32), np.full(10, 0.3, np.float32), np.full(10, 0.05, np.float32),
+                      identity.action_mean, identity.action_std)
+    model = GroundedLM.create(grounded, stats).eval()
+    starts, instructions = _starts(4, seed=2), ["Push the red ball left", "Move the cyan ball behind the green ball"] * 2
+    config = GenerationConfig(max_steps=1, stop_on_done=False)
+    fp32 = generate_rollouts(model, instructions, starts, config)
+    assert model.use_inference_precision("fp32") is model and model.inference_dtype == torch.float32
+    model.use_inference_precision("bf16")
+    assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.io.parameters()} == {torch.float32}
+    bf16 = generate_rollouts(model, instructions, starts, config)
+    agree = [np.array_equal(a.actions, b.actions) for a, b in zip(fp32, bf16)]
+    assert sum(agree) >= 3
+    for a, b, same in zip(fp32, bf16, agree):
+        if same:
+            np.testing.assert_allclose(a.states, b.states, atol=0.02)
+    with pytest.raises(ValueError, match="bf16"):
+        model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="load it again"):
+        model.use_inference_precision("fp32")
+    with pytest.raises(ValueError, match="precision"):
+        model.use_inference_precision("fp16")
+
+
 def test_action_t_is_read_at_the_position_of_state_t(tiny_model):
     """Recompute by hand: a_t must come from the hidden state at the s_t placeholder
     of the sequence [prompt, s_0, a_0, s_1, ...], not from the pass that made s_t."""
@@ -146,16 +214,29 @@ def test_prompts_cycle_the_level_tasks_with_admissible_starts():
         sample_prompts(spec, "medium", 4, 0)
 
 
+def test_several_starts_per_instruction_repeat_it_consecutively_from_different_states():
+    spec = get_spec("clevr")
+    instructions, starts = sample_prompts(spec, "rephrase", 10, seed=3, starts_per_instruction=4)
+    assert len(instructions) == 10 and starts.shape == (10, 10)
+    texts = [i.text for i in instructions]
+    assert texts[0:4] == [texts[0]] * 4 and texts[4:8] == [texts[4]] * 4 and texts[8:10] == [texts[8]] * 2
+    assert len({texts[0], texts[4], texts[8]}) == 3
+    assert len({s.tobytes() for s in starts}) == 10
+    assert sample_prompts(spec, "rephrase", 5, seed=3)[0] == sample_prompts(spec, "rephrase", 5, 3, 1)[0]
+    with pytest.raises(ValueError, match="starts_per_instruction"):
+        ImagineConfig(starts_per_instruction=0)
+
+
 def test_imagine_writes_labelled_episodes_with_provenance(tiny_model):
     spec = get_spec("clevr")
-    config = ImagineConfig(level="easy", n=6, seed=0, keep_failures=True, physics_filter=False,
+    config = ImagineConfig(precision="fp32", level="easy", n=6, seed=0, keep_failures=True, physics_filter=False,
                            generation=GenerationConfig(max_steps=5))
     result = imagine(tiny_model, spec, config, progress=False)
     assert result.stats["counts"]["generated"] == 6
     assert result.dataset.metadata["source"] == "imagined"
     for episode in result.dataset.episodes:
         assert episode.task["kind"] == "push" and 1 <= episode.length <= 5
-    strict = ImagineConfig(level="easy", n=6, generation=GenerationConfig(max_steps=5))
+    strict = ImagineConfig(precision="fp32", level="easy", n=6, generation=GenerationConfig(max_steps=5))
     result = imagine(tiny_model, spec, strict, progress=False)
     counts = result.stats["counts"]
     assert counts["kept"] == counts["succeeded"] - counts["dropped_fragile"]
@@ -223,12 +304,14 @@ def test_imagine_command_defaults_are_the_config_defaults(tiny_model, tmp_path, 
     monkeypatch.setattr(rollouts, "imagine", capture)
     base = ["imagine", "--model", str(tmp_path / "model"), "--level", "easy", "--out", str(tmp_path / "x.h5")]
     for extra in ([], ["--keep-failures", "--no-physics-filter", "--robust-noise", "0", "--robust-share", "0.9",
-                       "--compose", "--segment-steps", "2"]):
+                       "--compose", "--segment-steps", "2", "--starts-per-instruction", "4",
+                       "--precision", "fp32"]):
         result = CliRunner().invoke(app, base + extra)
         assert result.exit_code == 2 and "captured" in result.output
-    fields = ("keep_failures", "physics_filter", "robust_noise", "robust_share", "compose", "segment_steps")
+    fields = ("keep_failures", "physics_filter", "robust_noise", "robust_share", "compose", "segment_steps",
+              "starts_per_instruction", "precision")
     assert [getattr(seen[0], f) for f in fields] == [getattr(ImagineConfig(), f) for f in fields]
-    assert [getattr(seen[1], f) for f in fields] == [True, False, 0.0, 0.9, True, 2]
+    assert [getattr(seen[1], f) for f in fields] == [True, False, 0.0, 0.9, True, 2, 4, "fp32"]
 
 
 def _two_balls(red, blue):
@@ -272,12 +355,12 @@ def test_imagine_drops_fragile_successes_and_counts_them(tiny_model, monkeypatch
     monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)] * 2, np.stack([start] * 2)))
     monkeypatch.setattr(rollouts, "generate_rollouts", lambda *a, **k: [
         GeneratedRollout(text, np.stack([start, f]), np.array([3]), "stop") for f in finals])
-    config = ImagineConfig(level="rephrase", n=2, physics_filter=False)  # default robustness filter
+    config = ImagineConfig(precision="fp32", level="rephrase", n=2, physics_filter=False)  # default robustness filter
     result = rollouts.imagine(tiny_model, spec, config, progress=False)
     counts = result.stats["counts"]
     assert (counts["succeeded"], counts["dropped_fragile"], counts["kept"]) == (2, 1, 1)
     np.testing.assert_array_equal(result.dataset.episodes[0].observations[-1], finals[1])
-    result = rollouts.imagine(tiny_model, spec, ImagineConfig(level="rephrase", n=2, physics_filter=False,
+    result = rollouts.imagine(tiny_model, spec, ImagineConfig(precision="fp32", level="rephrase", n=2, physics_filter=False,
                                                               robust_noise=0.0), progress=False)
     assert result.stats["counts"]["kept"] == 2
 
@@ -359,7 +442,7 @@ def test_composed_rollouts_chain_one_segment_per_part(tiny_model, monkeypatch):
     calls = []
     monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls))
     monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)], start[None]))
-    config = ImagineConfig(level="hard", n=1, compose=True, physics_filter=False, robust_noise=0.0)
+    config = ImagineConfig(precision="fp32", level="hard", n=1, compose=True, physics_filter=False, robust_noise=0.0)
     result = rollouts.imagine(tiny_model, spec, config, progress=False)
 
     assert [c[0] for c in calls] == list(parts)
@@ -422,7 +505,7 @@ def test_composed_imagination_with_a_real_model_bounds_each_part(tiny_model):
     from kalm.envs.spec import subgoals
 
     spec = get_spec("clevr")
-    config = ImagineConfig(level="hard", n=8, compose=True, segment_steps=2, keep_failures=True,
+    config = ImagineConfig(precision="fp32", level="hard", n=8, compose=True, segment_steps=2, keep_failures=True,
                            physics_filter=False, robust_noise=0.0, generation=GenerationConfig(max_steps=3))
     result = imagine(tiny_model, spec, config, progress=False)
     assert result.stats["counts"]["generated"] == 8

@@ -493,6 +493,8 @@ def test_ground_takes_a_presets_grounding_settings(tmp_path, good_data, tiny_bac
     (b'{"imagine_counts": [["nope", 5]]}', "unknown level 'nope'"),
     (b'{"imagine_max_steps": [["rephrase", 0]]}', "imagine_max_steps': expected [level, T >= 1] pairs"),
     (b'{"imagine_max_steps": [["nope", 5]]}', "unknown level 'nope'"),
+    (b'{"imagine_starts": [["rephrase", 0]]}', "imagine_starts': expected [level, k >= 1] pairs"),
+    (b'{"imagine_starts": [["nope", 2]]}', "unknown level 'nope'"),
     (b'{"env": "nope"}', "unknown environment 'nope'"),
     (b'{"eval_episodes": 0}', "eval_episodes"),
 ], ids=lambda v: v.decode("latin-1")[:30] if isinstance(v, bytes) else None)

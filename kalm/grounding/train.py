@@ -55,7 +55,7 @@ from kalm.data.files import write_atomic, write_json_atomic
 from kalm.grounding.backbone import resolve_backbone
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
 from kalm.grounding.evaluate import dynamics_mse, explanation_accuracy, generation_success
-from kalm.grounding.model import DEFAULT_LORA_TARGETS, GroundedLM, GroundedLMConfig, NormStats
+from kalm.grounding.model import DEFAULT_LORA_TARGETS, GroundedLM, GroundedLMConfig, NormStats, native_bf16
 from kalm.grounding.prompts import IGNORE_INDEX, TASKS, collate
 from kalm.threads import free_cores
 
@@ -191,14 +191,7 @@ class GroundingObjective(torch.nn.Module):
 def _precision(config: GroundingConfig) -> str:
     if config.precision != "auto":
         return config.precision
-    if torch.cuda.is_available():
-        return "bf16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "fp32"
-    return "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+    return "bf16" if native_bf16() else "fp32"
 
 
 @contextmanager

@@ -45,6 +45,12 @@ class ImagineConfig:
     ``compose``: imagine an instruction whose task is a conjunction (CLEVR-Robot's
     ``all_of``) as a chain of single-goal segments of at most ``segment_steps`` each
     (:mod:`kalm.imagine.compose`); other instructions of the level are imagined whole.
+    ``starts_per_instruction``: each drawn instruction is imagined from this many start
+    states (``n`` rollouts in all); the rows share the instruction's prefill, so
+    ``k`` starts cost far less than ``k`` instructions.
+    ``precision``: the transformer body's dtype while imagining (``auto``: bf16 where
+    the hardware has it; see
+    :meth:`~kalm.grounding.model.GroundedLM.use_inference_precision`).
     """
 
     level: str = "rephrase"
@@ -58,6 +64,8 @@ class ImagineConfig:
     robust_share: float = 0.5
     compose: bool = False
     segment_steps: int = 3
+    starts_per_instruction: int = 1
+    precision: str = "auto"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
@@ -67,6 +75,10 @@ class ImagineConfig:
             raise ValueError(f"robust_share must lie in (0, 1], got {self.robust_share}")
         if self.segment_steps < 1:
             raise ValueError(f"segment_steps must be at least 1, got {self.segment_steps}")
+        if self.starts_per_instruction < 1:
+            raise ValueError(f"starts_per_instruction must be at least 1, got {self.starts_per_instruction}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -77,18 +89,27 @@ class ImagineResult:
     stats: dict
 
 
-def sample_prompts(spec: EnvSpec, level: str, n: int, seed: int) -> tuple[list[Instruction], np.ndarray]:
-    """``n`` instructions of the level, cycling its tasks evenly, each with a start
-    state drawn from the environment's reset distribution for that task."""
+def sample_prompts(
+    spec: EnvSpec, level: str, n: int, seed: int, starts_per_instruction: int = 1
+) -> tuple[list[Instruction], np.ndarray]:
+    """``n`` prompts of the level: instructions cycling its tasks evenly, each drawn
+    instruction repeated for ``starts_per_instruction`` consecutive prompts, and every
+    prompt its own start state from the environment's reset distribution for its task
+    (consecutive repeats share their prefill in generation)."""
     if level not in spec.levels:
         raise ValueError(f"unknown level {level!r} (levels: {', '.join(spec.levels)})")
+    if starts_per_instruction < 1:
+        raise ValueError(f"starts_per_instruction must be at least 1, got {starts_per_instruction}")
     rng = np.random.default_rng(seed)
     by_task: dict[str, list[Instruction]] = {}
     for ins in spec.levels[level](seed):
         by_task.setdefault(str(ins.task.to_json()), []).append(ins)
     groups = list(by_task.values())
     order = rng.permutation(len(groups))
-    chosen = [groups[order[i % len(groups)]][int(rng.integers(len(groups[order[i % len(groups)]])))] for i in range(n)]
+    draws = -(-n // starts_per_instruction)
+    drawn = [groups[order[i % len(groups)]][int(rng.integers(len(groups[order[i % len(groups)]])))]
+             for i in range(draws)]
+    chosen = [ins for ins in drawn for _ in range(starts_per_instruction)][:n]
     env = spec.make_env()
     starts = np.stack(
         [env.reset(seed=int(rng.integers(2**31)), options={"task": ins.task})[0] for ins in chosen]
@@ -114,8 +135,10 @@ def _explains_back(model, spec: EnvSpec, episodes, tasks) -> list[bool | None]:
 
 
 def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progress: bool = True) -> ImagineResult:
-    """Generate, check, filter and label ``config.n`` rollouts of ``config.level``."""
-    instructions, starts = sample_prompts(spec, config.level, config.n, config.seed)
+    """Generate, check, filter and label ``config.n`` rollouts of ``config.level``
+    (casting ``model`` to ``config.precision`` first, for good)."""
+    model.use_inference_precision(config.precision)
+    instructions, starts = sample_prompts(spec, config.level, config.n, config.seed, config.starts_per_instruction)
     tasks = [ins.task for ins in instructions]
     by_parts = [config.compose and bool(subgoals(task)) for task in tasks]
     composed = [i for i, by in enumerate(by_parts) if by]
@@ -181,6 +204,7 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     metadata = {
         "source": "imagined",
         "model": str(getattr(model.config, "backbone", "")),
+        "precision": str(model.inference_dtype).removeprefix("torch."),
         "config": {k: v for k, v in asdict(config).items()},
         "stats": summary,
     }
