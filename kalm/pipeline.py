@@ -41,6 +41,7 @@ from kalm.offline.config import TrainConfig
 from kalm.offline.train import read_curve, train
 from kalm.report import LevelResult, ReportInputs, Showcase, write_report
 from kalm.stagecache import RunLock, StageCache, directory_digest
+from kalm.threads import free_cores
 
 NOVEL_LEVELS = ("rephrase", "easy", "hard")
 # Settings that change how fast a stage runs, not what it produces: not part of its key.
@@ -282,8 +283,6 @@ def _model(grounded, spec: EnvSpec, model_cache: dict, precision: str):
     read from the cache."""
     import torch
 
-    from kalm.threads import free_cores
-
     if not torch.cuda.is_available():
         torch.set_num_threads(free_cores())
     if "model" not in model_cache:
@@ -297,14 +296,16 @@ def _model(grounded, spec: EnvSpec, model_cache: dict, precision: str):
     return model_cache["model"]
 
 
-def _train(cache: StageCache, config: PipelineConfig, method: str, seed: int, real, imagined: list):
+def _train(cache: StageCache, config: PipelineConfig, method: str, seed: int, real, imagined: list,
+           progress: bool = True):
     train_config = replace(config.train, seed=seed)
 
     def build(work: Path):
         policy = work / "policy"
         resume = policy.is_dir() and any(policy.iterdir())  # a kill can come before the first checkpoint
         files = [s.path / "imagined.h5" for s in imagined if (s.path / "imagined.h5").exists()]
-        result = train(real.path / "real.h5", policy, train_config, imaginary=files, resume=resume)
+        result = train(real.path / "real.h5", policy, train_config, imaginary=files, resume=resume,
+                       progress=progress)
         return {"steps": result.steps, "seconds": result.seconds}
 
     inputs = {"real": real.key, **{s.name: s.key for s in imagined}}
@@ -324,14 +325,54 @@ def _plan_seed(config: PipelineConfig, training_seed: int) -> int:
 
 
 def _evaluate(cache: StageCache, spec: EnvSpec, name: str, make_policy, episodes: int, plan_seed: int,
-              inputs: Mapping[str, str]):
+              inputs: Mapping[str, str], progress: bool = True):
     def build(work: Path):
         levels = resolve_levels(spec, "all", plan_seed)
-        results = evaluate(make_policy(), spec, levels, episodes, plan_seed)
+        results = evaluate(make_policy(), spec, levels, episodes, plan_seed, progress=progress)
         (work / "results.json").write_text(json.dumps(results))
         return {level: r["success_rate"] for level, r in results["levels"].items()}
 
     return cache.run(f"evaluate-{name}", {"episodes": episodes, "seed": plan_seed}, build, inputs)
+
+
+def _policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, real, imagined: list,
+                progress: bool = True):
+    """Train one offline-RL policy and evaluate it: ``(train stage, evaluation stage)``.
+    Top-level so a worker process can run it; both stages are cached as usual."""
+    cache, spec = StageCache(stages), get_spec(config.env)
+    stage = _train(cache, config, method, seed, real, imagined, progress)
+    ev = _evaluate(cache, spec, f"{method}-s{seed}", lambda: TrainedPolicy(stage.path / "policy"),
+                   config.eval_episodes, _plan_seed(config, seed), {"policy": stage.key}, progress)
+    return stage, ev
+
+
+def _policies(cache: StageCache, config: PipelineConfig, real, imagined: list) -> dict:
+    """Every (method, seed) policy trained and evaluated: ``{(method, seed): (train, evaluation)}``.
+
+    Why processes: d3rlpy's networks are small, so a training run (and the simulator
+    in evaluation) keeps one core busy and no more; with two cores idle, two policies
+    train and evaluate at once in spawned workers (one torch thread each) and the ten
+    jobs of five seeds take about half the time. With one idle core they run here, in
+    order, with their own progress bars.
+    """
+    jobs = [(method, seed, extra) for seed in config.seeds for method, extra in (("baseline", []), ("kalm", imagined))]
+    workers = min(len(jobs), free_cores())
+    if workers < 2:
+        return {(m, s): _policy_job(cache.root, config, m, s, real, extra) for m, s, extra in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    done = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_policy_job, cache.root, config, m, s, real, extra, False): (m, s)
+                   for m, s, extra in jobs}
+        with tqdm(total=len(jobs), desc=f"train + evaluate policies ({workers} at once)", unit="policy") as bar:
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update()
+    return {(m, s): done[(m, s)] for m, s, _ in jobs}
 
 
 def _showcase(cache: StageCache, spec: EnvSpec, config: PipelineConfig, policy_stage, imagined: list):
@@ -509,14 +550,10 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
 
         evaluations: dict[str, list[Path]] = {"baseline": [], "kalm": []}
         curves, policies = {}, {}
-        for seed in config.seeds:
-            for method, extra in (("baseline", []), ("kalm", imagined)):
-                stage = _train(cache, config, method, seed, real, extra)
-                policies[(method, seed)] = stage
-                curves[f"{method} seed {seed}"] = read_curve(stage.path / "policy" / "curve.csv")
-                ev = _evaluate(cache, spec, f"{method}-s{seed}", lambda s=stage: TrainedPolicy(s.path / "policy"),
-                               config.eval_episodes, _plan_seed(config, seed), {"policy": stage.key})
-                evaluations[method].append(ev.path / "results.json")
+        for (method, seed), (stage, ev) in _policies(cache, config, real, imagined).items():
+            policies[(method, seed)] = stage
+            curves[f"{method} seed {seed}"] = read_curve(stage.path / "policy" / "curve.csv")
+            evaluations[method].append(ev.path / "results.json")
 
         from kalm.imagine.llm_policy import LLMPolicy
 

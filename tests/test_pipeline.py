@@ -16,8 +16,11 @@ def tiny_llm(tiny_backbone) -> str:
     return str(tiny_backbone)
 
 
-def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path):
+def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path, monkeypatch):
+    import kalm.pipeline
+
     config = replace(PRESETS["clevr-tiny"](), llm=tiny_llm, seeds=(0, 1), imagine_max_steps=(("rephrase", 2),))
+    monkeypatch.setattr(kalm.pipeline, "free_cores", lambda: 2)  # the policies train in two worker processes
     report = run_pipeline(config, tmp_path)
     text = report.read_text()
     for method in ("baseline", "kalm", "llm-policy"):
@@ -58,9 +61,11 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path)
     _check_adopting_a_grounded_model(config, grounded, tmp_path / "adopt")
 
     changed = replace(config, train=replace(config.train, steps=30))
+    monkeypatch.setattr(kalm.pipeline, "free_cores", lambda: 1)  # now one after another, in this process
     run_pipeline(changed, tmp_path)  # only policy training and what follows is redone
     new = {p.name for p in (tmp_path / "stages").iterdir()} - set(before)
     assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "showcase")) for n in new)
+    assert sum(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm")) for n in new) == 8
 
 
 def test_paired_differences_refuse_runs_of_different_episodes(tmp_path):
