@@ -138,6 +138,7 @@ def _curve_plot(inputs: ReportInputs, path: Path) -> bool:
     if not curves:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.4))
+    colours: dict[str, str] = {}
     for name, rows in curves.items():
         # the first loss column; algorithms with delayed updates (TD3+BC's actor) log
         # some losses only on some rows, so plot the rows that have it
@@ -145,7 +146,16 @@ def _curve_plot(inputs: ReportInputs, path: Path) -> bool:
         if key is None:
             continue
         logged = [r for r in rows if r.get(key) is not None]
-        ax.plot([r["step"] for r in logged], [r[key] for r in logged], label=f"{name} ({key})", lw=1.2)
+        steps, losses = np.array([r["step"] for r in logged]), np.array([r[key] for r in logged], dtype=float)
+        # A per-step loss is noisy enough that ten seeds drawn raw hide each other; a
+        # running mean over 2 % of the run shows the trend, one colour per method.
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        method = name.split(" seed ")[0]
+        first = method not in colours
+        colours.setdefault(method, f"C{len(colours)}")
+        ax.plot(steps[window - 1:], smooth, color=colours[method], lw=1.0, alpha=0.8,
+                label=f"{method} ({key}, running mean)" if first else None)
     ax.set_xlabel("gradient step")
     ax.set_ylabel("training loss")
     ax.set_yscale("symlog")
