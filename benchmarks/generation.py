@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -43,8 +44,8 @@ def _prompts(batch: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return [instructions[int(rng.integers(len(instructions)))] for _ in range(batch)], starts
 
 
-def _time(model, texts, starts, steps: int, use_cache: bool, repeats: int):
-    config = GenerationConfig(max_steps=steps, batch_size=len(texts), use_cache=use_cache, stop_on_done=False)
+def _time(model, texts, starts, config: GenerationConfig, repeats: int):
+    """Median seconds of ``repeats`` generations, and the last one's rollouts."""
     times, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -69,12 +70,14 @@ def _run(model, lengths: Sequence[int], batches: Sequence[int], repeats: int,
     for batch in batches:
         texts, starts = _prompts(batch)
         for steps in lengths:
-            cached_s, cached = _time(model, texts, starts, steps, True, repeats)
+            config = GenerationConfig(max_steps=steps, batch_size=batch, stop_on_done=False)
+            cached_s, cached = _time(model, texts, starts, config, repeats)
             row = {"T": steps, "batch": batch, "cached_s": cached_s, "recompute_s": None, "speedup": None,
                    "equal": None, "tokens": 2 * steps * batch}
             if spent < recompute_budget_s:
                 start = time.perf_counter()
-                full_s, full = _time(model, texts, starts, steps, False, 1 if steps * batch > 200 else repeats)
+                full_s, full = _time(model, texts, starts, replace(config, use_cache=False),
+                                     1 if steps * batch > 200 else repeats)
                 spent += time.perf_counter() - start
                 row["equal"] = all(np.array_equal(a.actions, b.actions) and np.allclose(a.states, b.states, atol=1e-4)
                                    for a, b in zip(cached, full))
@@ -109,15 +112,9 @@ def run_shared_prefill(model, batch: int = 64, steps: int = 5, starts: Sequence[
         for k in starts:
             drawn = [pool[int(rng.integers(len(pool)))] for _ in range(-(-batch // k))]
             texts = [t for t in drawn for _ in range(k)][:batch]
-            timed = {}
-            for share in (False, True):
-                config = GenerationConfig(max_steps=steps, batch_size=batch, stop_on_done=False, share_prefill=share)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    out = generate_rollouts(model, texts, states, config)
-                    times.append(time.perf_counter() - start)
-                timed[share] = (statistics.median(times), out)
+            timed = {share: _time(model, texts, states, GenerationConfig(
+                max_steps=steps, batch_size=batch, stop_on_done=False, share_prefill=share), repeats)
+                for share in (False, True)}
             equal = all(np.array_equal(a.actions, b.actions) and np.allclose(a.states, b.states, atol=1e-4)
                         for a, b in zip(timed[False][1], timed[True][1]))
             if not equal:
@@ -144,14 +141,10 @@ def run_precision(model_fp32, batch: int = 64, steps: int = 5, rollouts: int = 1
         for precision in ("fp32", "bf16"):
             model_fp32.use_inference_precision(precision)
             generate_rollouts(model_fp32, texts[:batch], starts[:batch], config)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                out = generate_rollouts(model_fp32, texts, starts, config)
-                times.append(time.perf_counter() - start)
-            timed[precision] = (statistics.median(times), out)
+            timed[precision] = _time(model_fp32, texts, starts, config, repeats)
     same = [np.array_equal(a.actions, b.actions) for a, b in zip(timed["fp32"][1], timed["bf16"][1])]
-    gap = max(float(np.abs(a.states - b.states).max()) for a, b, s in zip(timed["fp32"][1], timed["bf16"][1], same) if s)
+    gap = max((float(np.abs(a.states - b.states).max()) for a, b, s in zip(timed["fp32"][1], timed["bf16"][1], same)
+               if s), default=float("nan"))
     row = {"rollouts": rollouts, "batch": batch, "T": steps, "fp32_s": timed["fp32"][0], "bf16_s": timed["bf16"][0],
            "same_actions": float(np.mean(same)), "max_state_gap_same_actions": gap}
     lines = [f"## Inference precision ({rollouts} rephrased prompts, batch {batch}, T = {steps}, greedy)", "",

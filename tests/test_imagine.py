@@ -18,16 +18,21 @@ from kalm.imagine.label import label_rollout
 from kalm.imagine.rollouts import ImagineConfig, imagine, sample_prompts
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_backbone):
+def _tiny_grounded(backbone) -> GroundedLM:
+    """A grounded model on the tiny random backbone (seeded, fp32)."""
     torch.manual_seed(0)
     spec = get_spec("clevr")
     grounded = GroundedLMConfig(env="clevr", state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=True,
-                                backbone=str(tiny_backbone), finetune="full")
+                                backbone=str(backbone), finetune="full")
     identity = NormStats.identity(spec.state_dim, spec.action_dim, True)
     stats = NormStats(np.zeros(10, np.float32), np.full(10, 0.3, np.float32), np.full(10, 0.05, np.float32),
                       identity.action_mean, identity.action_std)
     return GroundedLM.create(grounded, stats).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_backbone):
+    return _tiny_grounded(tiny_backbone)
 
 
 def _starts(n, seed=0):
@@ -99,14 +104,7 @@ def test_bf16_inference_casts_the_llm_body_only_and_keeps_the_rollouts_close(tin
     """A fresh model (the shared fixture stays fp32): in bf16 the transformer runs in
     bf16, the I/O layers stay fp32, the first imagined step stays close to fp32's, and
     the cast model refuses to be saved or cast back."""
-    torch.manual_seed(0)
-    spec = get_spec("clevr")
-    grounded = GroundedLMConfig(env="clevr", state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=True,
-                                backbone=str(tiny_backbone), finetune="full")
-    identity = NormStats.identity(spec.state_dim, spec.action_dim, True)
-    stats = NormStats(np.zeros(10, np.float32), np.full(10, 0.3, np.float32), np.full(10, 0.05, np.float32),
-                      identity.action_mean, identity.action_std)
-    model = GroundedLM.create(grounded, stats).eval()
+    model = _tiny_grounded(tiny_backbone)
     starts, instructions = _starts(4, seed=2), ["Push the red ball left", "Move the cyan ball behind the green ball"] * 2
     config = GenerationConfig(max_steps=1, stop_on_done=False)
     fp32 = generate_rollouts(model, instructions, starts, config)

@@ -178,6 +178,9 @@ class IOLayers(nn.Module):
             self.register_buffer(name, torch.as_tensor(getattr(stats, name), dtype=torch.float32).clone())
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 def native_bf16() -> bool:
     """Whether this machine computes bf16 natively: a CUDA GPU, or a CPU with
     AVX512-BF16 or AMX (elsewhere bf16 matmuls are emulated and slower than fp32)."""
@@ -405,8 +408,8 @@ class GroundedLM(nn.Module):
         replay) in fp32 and 405 (71 %) in bf16. The cast cannot be undone without loss,
         so a bf16 model refuses :meth:`save`.
         """
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         wanted = torch.bfloat16 if precision == "bf16" or (precision == "auto" and native_bf16()) else torch.float32
         if wanted == self.inference_dtype:
             return self

