@@ -229,6 +229,8 @@ def train_cmd(
     seed: int = typer.Option(0, help="Seed for network initialisation and batch sampling."),
     reward: str = typer.Option("sparse", help="An env reward to relabel with (sparse, shaped), or stored."),
     imaginary_ratio: float = typer.Option(0.5, help="Share of each batch drawn from imaginary episodes."),
+    imaginary_mix: str = typer.Option("pooled", help="pooled | per_source: split that share evenly between the "
+                                      "--imaginary files."),
     batch_size: int = typer.Option(None, help="Default: the algorithm's reference batch size."),
     learning_rate: float = typer.Option(None, help="Default: the algorithm's reference learning rate."),
     encoder: str = typer.Option("minilm-seg3", help="Instruction encoder: minilm-seg3, minilm, or st:/path/to/model."),
@@ -242,8 +244,8 @@ def train_cmd(
         from kalm.offline.train import train
 
         options = dict(
-            algo=algo, seed=seed, reward=reward, imaginary_ratio=imaginary_ratio, batch_size=batch_size,
-            learning_rate=learning_rate, encoder=encoder, checkpoint_every=checkpoint_every,
+            algo=algo, seed=seed, reward=reward, imaginary_ratio=imaginary_ratio, imaginary_mix=imaginary_mix,
+            batch_size=batch_size, learning_rate=learning_rate, encoder=encoder, checkpoint_every=checkpoint_every,
         )
         if steps is not None:
             options["steps"] = steps

@@ -92,6 +92,29 @@ def test_mixed_batches_take_the_configured_share_from_imaginary_data():
     assert from_fake.sum() == 10
 
 
+def test_per_source_mixing_gives_a_small_source_the_same_share_as_a_large_one():
+    def table(episode):
+        return TransitionTable.from_replay_buffer(build_replay_buffer(_dataset(episode), SPEC, embed))
+
+    real = table(_episode(20, False))
+    large, small = table(_episode(40, True, start=5.0)), table(_episode(2, True, start=9.0))
+    rng = np.random.default_rng(0)
+    split = MixedSampler(real, [large, small], 100, 0.5)
+    pooled = MixedSampler(real, TransitionTable(*(np.concatenate([getattr(large, f), getattr(small, f)])
+                                                  for f in TransitionTable.__dataclass_fields__)), 100, 0.5)
+    for sampler, low, high in ((split, 0.4, 0.6), (pooled, 0.0, 0.15)):
+        batches = [sampler.sample(rng).observations[:, 0] for _ in range(40)]
+        first = np.concatenate(batches)
+        from_small = (first >= 9.0).sum() / (first >= 5.0).sum()
+        assert all(len(b) == 100 and (b >= 5.0).sum() == 50 for b in batches)
+        assert low < from_small < high
+
+
+def test_imaginary_mix_must_be_known():
+    with pytest.raises(ValueError, match="imaginary_mix"):
+        TrainConfig(imaginary_mix="by_level")
+
+
 def test_without_imaginary_data_the_whole_batch_is_real():
     real = TransitionTable.from_replay_buffer(build_replay_buffer(_dataset(_episode(4, True)), SPEC, embed))
     sampler = MixedSampler(real, None, 16, 0.5)

@@ -21,10 +21,14 @@ the imaginary episodes and the rest from the real ones, each uniformly over its 
 transitions. ImagineBench instead pooled everything in one buffer, so the real to
 imaginary mix followed the datasets' sizes rather than the 1:1 the paper states; a
 fixed per-batch split makes the ratio a setting that means the same thing whatever the
-dataset sizes. Transitions are read out of the d3rlpy buffers once into flat arrays
-(d3rlpy's own per-transition sampling costs a third of a training step) and sampled
-with a seeded NumPy generator whose state goes into checkpoints, so a resumed run
-draws the same batches it would have drawn.
+dataset sizes. With several imaginary sources (one file per imagined level) the
+imaginary share is either drawn uniformly over all their transitions (``pooled``) or
+split evenly between the sources (``per_source``): pooled, a level with many short
+rollouts crowds out one with few, so adding rollouts for one level silently takes
+batch share from the others. Transitions are read out of the d3rlpy buffers once into
+flat arrays (d3rlpy's own per-transition sampling costs a third of a training step)
+and sampled with a seeded NumPy generator whose state goes into checkpoints, so a
+resumed run draws the same batches it would have drawn.
 """
 
 from __future__ import annotations
@@ -164,12 +168,16 @@ class TransitionTable:
 
 
 class MixedSampler:
-    """Mini-batches with a fixed share of imaginary transitions (see module docstring)."""
+    """Mini-batches with a fixed share of imaginary transitions (see module docstring).
+
+    ``imaginary`` is one table (pooled) or a sequence of tables whose share is split
+    evenly: each imaginary slot of a batch picks its source uniformly at random.
+    """
 
     def __init__(
         self,
         real: TransitionTable,
-        imaginary: TransitionTable | None,
+        imaginary: TransitionTable | Sequence[TransitionTable] | None,
         batch_size: int,
         imaginary_ratio: float,
     ):
@@ -177,10 +185,11 @@ class MixedSampler:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= imaginary_ratio <= 1.0:
             raise ValueError(f"imaginary_ratio must be in [0, 1], got {imaginary_ratio}")
-        if imaginary is None and imaginary_ratio > 0:
+        sources = [imaginary] if isinstance(imaginary, TransitionTable) else list(imaginary or ())
+        if not sources:
             imaginary_ratio = 0.0
         self.real = real
-        self.imaginary = imaginary
+        self.sources = sources
         self.n_imaginary = int(round(imaginary_ratio * batch_size))
         self.n_real = batch_size - self.n_imaginary
 
@@ -188,9 +197,11 @@ class MixedSampler:
         parts = []
         if self.n_real:
             parts.append(self.real.take(rng.integers(len(self.real), size=self.n_real)))
-        if self.n_imaginary:
-            assert self.imaginary is not None
-            parts.append(self.imaginary.take(rng.integers(len(self.imaginary), size=self.n_imaginary)))
+        if self.n_imaginary and len(self.sources) == 1:
+            parts.append(self.sources[0].take(rng.integers(len(self.sources[0]), size=self.n_imaginary)))
+        elif self.n_imaginary:
+            counts = np.bincount(rng.integers(len(self.sources), size=self.n_imaginary), minlength=len(self.sources))
+            parts.extend(t.take(rng.integers(len(t), size=int(c))) for t, c in zip(self.sources, counts) if c)
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return d3rlpy.dataset.TransitionMiniBatch(
             observations=merged["observations"],

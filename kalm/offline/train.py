@@ -154,7 +154,7 @@ def train(
     real_sets = _load_all(data_paths, None)
     spec = get_spec(real_sets[0].env)
     real = _merge(real_sets)
-    fake = _merge(_load_all(imaginary_paths, spec))
+    fake_sets = _load_all(imaginary_paths, spec)
     assert real is not None
     config = config.for_action_space(spec.discrete)
     description = _run_description(config, spec, data_paths, imaginary_paths)
@@ -165,10 +165,10 @@ def train(
     reward_fn = stored_rewards if config.reward == "stored" else relabel_rewards(spec, config.reward)
     real_buffer = build_replay_buffer(real, spec, encoder.encode, reward_fn)
     real_table = TransitionTable.from_replay_buffer(real_buffer)
-    fake_table = None
-    if fake is not None:
-        fake_table = TransitionTable.from_replay_buffer(build_replay_buffer(fake, spec, encoder.encode, reward_fn))
-    sampler = MixedSampler(real_table, fake_table, config.resolved_batch_size(), config.imaginary_ratio)
+    sources = [_merge(fake_sets)] if fake_sets and config.imaginary_mix == "pooled" else fake_sets
+    fake_tables = [TransitionTable.from_replay_buffer(build_replay_buffer(d, spec, encoder.encode, reward_fn))
+                   for d in sources]
+    sampler = MixedSampler(real_table, fake_tables, config.resolved_batch_size(), config.imaginary_ratio)
 
     scaler = None
     if config.standardize:
@@ -201,7 +201,7 @@ def train(
         embedding_dim=encoder.dim,
         action_size=spec.action_dim,
         real_transitions=len(real_table),
-        imaginary_transitions=len(fake_table) if fake_table is not None else 0,
+        imaginary_transitions=sum(len(t) for t in fake_tables),
         batch_real=sampler.n_real,
         batch_imaginary=sampler.n_imaginary,
         completed_steps=step,
