@@ -68,7 +68,7 @@ class PipelineConfig:
     # each and cheap, multi-push ones are not. Hard, measured with the 400-step CPU
     # model (BC, 3 x 300 episodes, baseline 3.9 %): 4,800 prompts kept 116 rollouts
     # (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard 6.1-6.4 %, 100-150 s more.
-    imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 2400), ("easy", 1920), ("hard", 8000))
+    imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 4800), ("easy", 1920), ("hard", 8000))
     # (level, T) pairs overriding ``imagine.generation.max_steps`` for a level. Rephrase
     # rollouts are capped at 5 steps (the expert needs 2.8 pushes on average): imagined
     # rollouts longer than three pushes were real on replay only 9-30 % of the time, and
@@ -83,8 +83,22 @@ class PipelineConfig:
     # (ImagineConfig.compose; see kalm.imagine.compose for why and what it measured).
     imagine_composed: tuple[str, ...] = ("hard",)
     # (level, k) pairs overriding ``imagine.starts_per_instruction``: each drawn
-    # instruction is imagined from k start states, which share its prefill.
-    imagine_starts: tuple[tuple[str, int], ...] = ()
+    # instruction is imagined from k start states, which share its prefill. Rephrase:
+    # 2,400 phrasings x 2 starts cost what 2,400 greedy rollouts did (94-105 s in bf16).
+    imagine_starts: tuple[tuple[str, int], ...] = (("rephrase", 2),)
+    # (level, temperature) pairs overriding ``imagine.generation.temperature``. Rephrase
+    # and easy actions are sampled (temperature 1), not greedy: greedy decoding of a
+    # weakly grounded model collapses onto the push directions it is surest of. With
+    # grounding seed 2, 73 % of the kept greedy rephrase pushes and 88 % of the easy
+    # ones went left or right (real data: 35 %), and that rephrase data cost the policy
+    # 11 points of rephrase success. Sampled, the kept pushes spread like the real
+    # ones and are more often real on replay (rephrase 84-89 % against 73 %). Measured
+    # (3 seeds x 300 episodes, baseline 59.4 / 36.9 / 20.3 / 3.9 %; seen / rephrase /
+    # easy / hard): grounding seed 2, greedy 58.4 / 25.0 / 49.6 / 3.4, sampled
+    # 60.7 / 38.3 / 66.4 / 2.2; grounding seed 0, greedy 59.0 / 41.3 / 60.7 / 6.3,
+    # sampled 59.9 / 39.3 / 62.2 / 6.1. Hard stays greedy: sampled, grounding seed 2
+    # kept 28 composed rollouts of 8,000 instead of 43.
+    imagine_temperature: tuple[tuple[str, float], ...] = (("rephrase", 1.0), ("easy", 1.0))
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
     # imaginary_ratio 0.1, not the paper's 0.5: with a few hundred imagined rollouts
     # against 1,600 real episodes, half of every batch repeats them ~2,000 times each
@@ -117,6 +131,8 @@ def _tiny() -> PipelineConfig:
                           warmup_steps=1, max_batch_size=8, precision="fp32"),
         imagine_counts=(),
         imagine_max_steps=(),
+        imagine_starts=(),
+        imagine_temperature=(),
         imagine=ImagineConfig(n=6, keep_failures=True, physics_filter=False,
                               generation=GenerationConfig(max_steps=4, batch_size=6)),
         train=TrainConfig(algo="bc", steps=40, checkpoint_every=20),
@@ -137,6 +153,8 @@ def _metaworld() -> PipelineConfig:
         collect=CollectConfig(episodes=400, epsilon=0.1, chunk_size=50),
         imagine_counts=(),
         imagine_max_steps=(),
+        imagine_starts=(),
+        imagine_temperature=(),  # sampling was measured on CLEVR only
         # No physics filter: most imagined Meta-World rollouts so far break a check (the
         # gripper opening in 53-86 %, the workspace in 30-69 %), so it would leave
         # almost nothing to measure. The robustness filter is off too: it was measured on
@@ -260,7 +278,8 @@ def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded,
     from kalm.imagine.rollouts import imagine
 
     generation = config.imagine.generation
-    generation = replace(generation, max_steps=dict(config.imagine_max_steps).get(level, generation.max_steps))
+    generation = replace(generation, max_steps=dict(config.imagine_max_steps).get(level, generation.max_steps),
+                         temperature=dict(config.imagine_temperature).get(level, generation.temperature))
     imagine_config = replace(config.imagine, level=level, n=dict(config.imagine_counts).get(level, config.imagine.n),
                              compose=config.imagine.compose or level in config.imagine_composed,
                              starts_per_instruction=dict(config.imagine_starts).get(
@@ -470,9 +489,15 @@ def check_config(config: PipelineConfig) -> EnvSpec:
                     and isinstance(pair[1], int) and not isinstance(pair[1], bool) and pair[1] >= 1):
                 shown = list(pair) if isinstance(pair, tuple) else pair
                 raise ValueError(f"config field {name!r}: expected [level, {value} >= 1] pairs, got {shown!r}")
+    for pair in config.imagine_temperature:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and pair[1] >= 0):
+            shown = list(pair) if isinstance(pair, tuple) else pair
+            raise ValueError(f"config field 'imagine_temperature': expected [level, temperature >= 0] pairs, "
+                             f"got {shown!r}")
     unknown = [level for level in (*config.imagine_levels, *dict(config.imagine_counts),
                                    *dict(config.imagine_max_steps), *config.imagine_composed,
-                                   *dict(config.imagine_starts))
+                                   *dict(config.imagine_starts), *dict(config.imagine_temperature))
                if level not in spec.levels]
     if unknown:
         raise ValueError(f"config field 'imagine_levels': unknown level {unknown[0]!r} "

@@ -3,6 +3,7 @@ at the right position, labelling and hallucination checks behave."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -168,6 +169,25 @@ def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):
     assert any(not np.array_equal(x.actions, y.actions) for x, y in zip(a, greedy))
 
 
+def test_sampled_actions_follow_the_action_heads_distribution(tiny_model):
+    """At temperature 1 the imagined actions are draws from the model's own action
+    distribution (greedy decoding of a weakly grounded model collapsed onto a few push
+    directions); lower temperatures sharpen it towards the greedy action."""
+    from kalm.imagine.generate import _choose_actions
+
+    torch.manual_seed(0)
+    hidden = 20 * torch.randn(1, tiny_model.llm.config.hidden_size).expand(20000, -1)
+    probs = torch.softmax(tiny_model.predict_action(hidden[:1]), -1)[0]
+    assert probs.max() > 4 * probs.median()  # peaked enough that a flattened draw would show
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(_choose_actions(tiny_model, hidden, 1.0, generator), minlength=probs.numel())
+    assert (counts / counts.sum() - probs).abs().sum() < 0.05  # total variation < 0.025
+    greedy = int(probs.argmax())
+    cold = torch.bincount(_choose_actions(tiny_model, hidden, 0.3, generator), minlength=probs.numel())
+    assert cold[greedy] / cold.sum() > counts[greedy] / counts.sum()
+    assert (_choose_actions(tiny_model, hidden[:8], 0.0, generator) == greedy).all()
+
+
 def test_stop_function_ends_a_rollout_at_that_state(tiny_model):
     starts = _starts(2)
     out = generate_rollouts(tiny_model, ["a", "b"], starts, GenerationConfig(max_steps=10, stop_on_done=False),
@@ -210,6 +230,16 @@ def test_prompts_cycle_the_level_tasks_with_admissible_starts():
     assert starts.shape == (40, 10)
     with pytest.raises(ValueError, match="unknown level"):
         sample_prompts(spec, "medium", 4, 0)
+
+
+def test_prompts_offer_every_phrasing_of_a_level_before_repeating_one():
+    spec = get_spec("clevr")
+    level = spec.levels["rephrase"](0)
+    instructions, _ = sample_prompts(spec, "rephrase", len(level), seed=1)
+    assert sorted((i.text, str(i.task.to_json())) for i in instructions) == sorted(
+        (i.text, str(i.task.to_json())) for i in level)
+    twice, _ = sample_prompts(spec, "easy", 2 * len(spec.levels["easy"](0)), seed=2)
+    assert set(collections.Counter((i.text, str(i.task.to_json())) for i in twice).values()) == {2}
 
 
 def test_several_starts_per_instruction_repeat_it_consecutively_from_different_states():

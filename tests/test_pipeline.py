@@ -19,7 +19,8 @@ def tiny_llm(tiny_backbone) -> str:
 def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path, monkeypatch):
     import kalm.pipeline
 
-    config = replace(PRESETS["clevr-tiny"](), llm=tiny_llm, seeds=(0, 1), imagine_max_steps=(("rephrase", 2),))
+    config = replace(PRESETS["clevr-tiny"](), llm=tiny_llm, seeds=(0, 1), imagine_max_steps=(("rephrase", 2),),
+                     imagine_temperature=(("easy", 1.0),))
     monkeypatch.setattr(kalm.pipeline, "free_cores", lambda: 2)  # the policies train in two worker processes
     report = run_pipeline(config, tmp_path)
     text = report.read_text()
@@ -39,9 +40,11 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
         results = json.loads((stage(prefix)[1] / "results.json").read_text())["results"]
         return [(r["instruction"], r["level"]) for r in results]
 
-    # the per-level cap reaches only its level
+    # the per-level cap and temperature reach only their level
     assert stage("imagine-rephrase")[0]["generation"]["max_steps"] == 2
     assert stage("imagine-easy")[0]["generation"]["max_steps"] == config.imagine.generation.max_steps
+    assert stage("imagine-easy")[0]["generation"]["temperature"] == 1.0
+    assert stage("imagine-rephrase")[0]["generation"]["temperature"] == config.imagine.generation.temperature == 0.0
     # paired within a training seed, a fresh draw of episodes across seeds
     assert stage("evaluate-baseline-s1")[0]["seed"] == config.eval_seed + 1
     assert plan("evaluate-baseline-s0") == plan("evaluate-kalm-s0") != plan("evaluate-baseline-s1")

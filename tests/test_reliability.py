@@ -495,6 +495,8 @@ def test_ground_takes_a_presets_grounding_settings(tmp_path, good_data, tiny_bac
     (b'{"imagine_max_steps": [["nope", 5]]}', "unknown level 'nope'"),
     (b'{"imagine_starts": [["rephrase", 0]]}', "imagine_starts': expected [level, k >= 1] pairs"),
     (b'{"imagine_starts": [["nope", 2]]}', "unknown level 'nope'"),
+    (b'{"imagine_temperature": [["easy", -1.0]]}', "imagine_temperature': expected [level, temperature >= 0]"),
+    (b'{"imagine_temperature": [["nope", 1.0]]}', "unknown level 'nope'"),
     (b'{"env": "nope"}', "unknown environment 'nope'"),
     (b'{"eval_episodes": 0}', "eval_episodes"),
 ], ids=lambda v: v.decode("latin-1")[:30] if isinstance(v, bytes) else None)
