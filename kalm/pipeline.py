@@ -62,10 +62,10 @@ class PipelineConfig:
     collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=1600, epsilon=0.1))
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     imagine_levels: tuple[str, ...] = NOVEL_LEVELS
-    # (level, n) pairs overriding ``imagine.n`` for a level. A fifth to a third of the
-    # rollouts reach their goal in imagination, and only ~2 % of the composed hard ones
-    # survive every check, so volume matters; one-push (easy) rollouts are one step
-    # each and cheap, multi-push ones are not. Hard, measured with the 400-step CPU
+    # (level, n) pairs overriding ``imagine.n`` for a level. A sixth to a quarter of the
+    # sampled rephrase and easy rollouts reach their goal in imagination, and only ~2 %
+    # of the composed hard ones survive every check, so volume matters; one-push (easy)
+    # rollouts are one step each and cheap, multi-push ones are not. Hard, measured with the 400-step CPU
     # model (BC, 3 x 300 episodes, baseline 3.9 %): 4,800 prompts kept 116 rollouts
     # (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard 6.1-6.4 %, 100-150 s more.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 4800), ("easy", 1920), ("hard", 8000))
@@ -84,9 +84,12 @@ class PipelineConfig:
     imagine_composed: tuple[str, ...] = ("hard",)
     # (level, k) pairs overriding ``imagine.starts_per_instruction``: each drawn
     # instruction is imagined from k start states, which share its prefill. Rephrase:
-    # 2,400 phrasings x 2 starts cost what 2,400 greedy rollouts did (94-105 s in bf16).
+    # each of the level's 2,400 instructions from 2 starts; the 4,800 sampled rollouts
+    # take 94-105 s of generation in bf16 against 54 s for 2,400 greedy ones (the whole
+    # stage, with loading the model and the replay audit, 160 s against 96 s).
     imagine_starts: tuple[tuple[str, int], ...] = (("rephrase", 2),)
-    # (level, temperature) pairs overriding ``imagine.generation.temperature``. Rephrase
+    # (level, temperature) pairs overriding ``imagine.generation.temperature`` (so a
+    # temperature set there reaches only the levels not named here). Rephrase
     # and easy actions are sampled (temperature 1), not greedy: greedy decoding of a
     # weakly grounded model collapses onto the push directions it is surest of. With
     # grounding seed 2, 73 % of the kept greedy rephrase pushes and 88 % of the easy
@@ -94,10 +97,10 @@ class PipelineConfig:
     # 11 points of rephrase success. Sampled, the kept pushes spread like the real
     # ones and are more often real on replay (rephrase 84-89 % against 73 %). Measured
     # (3 seeds x 300 episodes, baseline 59.4 / 36.9 / 20.3 / 3.9 %; seen / rephrase /
-    # easy / hard): grounding seed 2, greedy 58.4 / 25.0 / 49.6 / 3.4, sampled
-    # 60.7 / 38.3 / 66.4 / 2.2; grounding seed 0, greedy 59.0 / 41.3 / 60.7 / 6.3,
-    # sampled 59.9 / 39.3 / 62.2 / 6.1. Hard stays greedy: sampled, grounding seed 2
-    # kept 28 composed rollouts of 8,000 instead of 43.
+    # easy / hard): grounding seed 2, greedy 58.4 / 25.0 / 49.6 / 3.4, these defaults
+    # 59.0 / 37.7 / 66.2 / 3.6; grounding seed 0, greedy 59.0 / 41.3 / 60.7 / 6.3, these
+    # defaults 56.0 / 38.9 / 63.0 / 7.0 (README, *Greedy or sampled imagination*). Hard
+    # stays greedy: sampled, grounding seed 2 kept 28 composed rollouts of 8,000, not 43.
     imagine_temperature: tuple[tuple[str, float], ...] = (("rephrase", 1.0), ("easy", 1.0))
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
     # imaginary_ratio 0.1, not the paper's 0.5: with a few hundred imagined rollouts
@@ -275,7 +278,7 @@ def _adopt_grounded(cache: StageCache, spec: EnvSpec, source: Path):
 
 
 def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded, level: str, model_cache: dict):
-    from kalm.imagine.rollouts import imagine
+    from kalm.imagine.rollouts import PROMPT_DRAW, imagine
 
     generation = config.imagine.generation
     generation = replace(generation, max_steps=dict(config.imagine_max_steps).get(level, generation.max_steps),
@@ -293,7 +296,8 @@ def _imagine(cache: StageCache, spec: EnvSpec, config: PipelineConfig, grounded,
         # audit only: the replay never changes what was kept
         return {**result.stats, "replay": replay_imagined(spec, result.dataset)}
 
-    return cache.run(f"imagine-{level}", _as_dict(imagine_config), build, {"model": grounded.key})
+    return cache.run(f"imagine-{level}", {**_as_dict(imagine_config), "prompt_draw": PROMPT_DRAW}, build,
+                     {"model": grounded.key})
 
 
 def _model(grounded, spec: EnvSpec, model_cache: dict, precision: str):

@@ -85,6 +85,25 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(expert_file, tmp_pat
                 assert torch.equal(tensor, cut[module][name]), (module, name)
 
 
+def test_a_run_written_before_a_config_field_existed_still_resumes(expert_file, tmp_path):
+    config = TrainConfig(steps=10, checkpoint_every=5)
+    train(expert_file, tmp_path / "run", config, progress=False, stop_after=5)
+    path = tmp_path / "run" / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["train"]["imaginary_mix"]  # as written before the field existed
+    path.write_text(json.dumps(stored))
+    assert train(expert_file, tmp_path / "run", config, progress=False, resume=True).steps == 10
+
+
+def test_per_source_mixing_trains_on_each_imaginary_file(expert_file, tmp_path):
+    config = TrainConfig(steps=4, checkpoint_every=2, imaginary_ratio=0.5, imaginary_mix="per_source")
+    train(expert_file, tmp_path / "run", config, imaginary=[expert_file, expert_file], progress=False)
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    real = stored["real_transitions"]
+    assert stored["train"]["imaginary_mix"] == "per_source" and stored["imaginary_transitions"] == 2 * real
+    assert stored["batch_imaginary"] == stored["batch_real"]
+
+
 def test_resume_refuses_a_different_configuration(expert_file, tmp_path):
     train(expert_file, tmp_path / "run", TrainConfig(steps=10, checkpoint_every=5), progress=False, stop_after=5)
     with pytest.raises(ValueError, match="cannot resume"):

@@ -90,6 +90,11 @@ class ImagineResult:
     stats: dict
 
 
+# Names how :func:`sample_prompts` draws. It is part of the pipeline's imagine-stage key,
+# so a cached stage whose prompts were drawn another way is rebuilt, not reused.
+PROMPT_DRAW = "tasks and phrasings cycled"
+
+
 def sample_prompts(
     spec: EnvSpec, level: str, n: int, seed: int, starts_per_instruction: int = 1
 ) -> tuple[list[Instruction], np.ndarray]:

@@ -171,7 +171,8 @@ class MixedSampler:
     """Mini-batches with a fixed share of imaginary transitions (see module docstring).
 
     ``imaginary`` is one table (pooled) or a sequence of tables whose share is split
-    evenly: each imaginary slot of a batch picks its source uniformly at random.
+    evenly: each source gets ``n_imaginary // len(sources)`` slots of every batch and
+    the remainder goes to sources drawn at random, one slot each.
     """
 
     def __init__(
@@ -200,7 +201,9 @@ class MixedSampler:
         if self.n_imaginary and len(self.sources) == 1:
             parts.append(self.sources[0].take(rng.integers(len(self.sources[0]), size=self.n_imaginary)))
         elif self.n_imaginary:
-            counts = np.bincount(rng.integers(len(self.sources), size=self.n_imaginary), minlength=len(self.sources))
+            k = len(self.sources)
+            counts = np.full(k, self.n_imaginary // k)
+            counts[rng.choice(k, size=self.n_imaginary % k, replace=False)] += 1
             parts.extend(t.take(rng.integers(len(t), size=int(c))) for t, c in zip(self.sources, counts) if c)
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return d3rlpy.dataset.TransitionMiniBatch(

@@ -276,6 +276,11 @@ def _prepare_out_dir(out: Path, description: dict, resume: bool) -> dict | None:
     stored = read_json(out / CONFIG_FILE, "training config")
     if not isinstance(stored, dict):
         raise ValueError(f"training config {out / CONFIG_FILE} is not a JSON object")
+    if isinstance(stored.get("train"), dict):
+        try:  # a run written before a field existed has that field's default
+            stored["train"] = TrainConfig.from_json(stored["train"]).to_json()
+        except (TypeError, ValueError):
+            pass  # reported as a difference below
     for key in ("train", "env", "data", "imaginary"):
         if stored.get(key) != description[key]:
             raise ValueError(
