@@ -65,9 +65,10 @@ class PipelineConfig:
     # (level, n) pairs overriding ``imagine.n`` for a level. A sixth to a quarter of the
     # sampled rephrase and easy rollouts reach their goal in imagination, and only ~2 %
     # of the composed hard ones survive every check, so volume matters; one-push (easy)
-    # rollouts are one step each and cheap, multi-push ones are not. Hard, measured with the 400-step CPU
-    # model (BC, 3 x 300 episodes, baseline 3.9 %): 4,800 prompts kept 116 rollouts
-    # (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard 6.1-6.4 %, 100-150 s more.
+    # rollouts are one step each and cheap, multi-push ones are not. Hard, measured with
+    # the 400-step CPU model (BC, 3 x 300 episodes, baseline 3.9 %): 4,800 prompts kept
+    # 116 rollouts (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard
+    # 6.1-6.4 %, 100-150 s more.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 4800), ("easy", 1920), ("hard", 8000))
     # (level, T) pairs overriding ``imagine.generation.max_steps`` for a level. Rephrase
     # rollouts are capped at 5 steps (the expert needs 2.8 pushes on average): imagined
@@ -487,18 +488,14 @@ def check_config(config: PipelineConfig) -> EnvSpec:
         config.collect.check(spec)
     except (TypeError, ValueError) as exc:  # TypeError: a mistyped value compared with a number
         raise ValueError(f"config field 'collect': {exc}") from None
-    for name, value in (("imagine_counts", "n"), ("imagine_max_steps", "T"), ("imagine_starts", "k")):
+    pairs = (("imagine_counts", "n", int, 1), ("imagine_max_steps", "T", int, 1), ("imagine_starts", "k", int, 1),
+             ("imagine_temperature", "temperature", (int, float), 0))
+    for name, value, kind, low in pairs:
         for pair in getattr(config, name):
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
-                    and isinstance(pair[1], int) and not isinstance(pair[1], bool) and pair[1] >= 1):
+                    and isinstance(pair[1], kind) and not isinstance(pair[1], bool) and pair[1] >= low):
                 shown = list(pair) if isinstance(pair, tuple) else pair
-                raise ValueError(f"config field {name!r}: expected [level, {value} >= 1] pairs, got {shown!r}")
-    for pair in config.imagine_temperature:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
-                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and pair[1] >= 0):
-            shown = list(pair) if isinstance(pair, tuple) else pair
-            raise ValueError(f"config field 'imagine_temperature': expected [level, temperature >= 0] pairs, "
-                             f"got {shown!r}")
+                raise ValueError(f"config field {name!r}: expected [level, {value} >= {low}] pairs, got {shown!r}")
     unknown = [level for level in (*config.imagine_levels, *dict(config.imagine_counts),
                                    *dict(config.imagine_max_steps), *config.imagine_composed,
                                    *dict(config.imagine_starts), *dict(config.imagine_temperature))

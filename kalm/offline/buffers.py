@@ -198,12 +198,11 @@ class MixedSampler:
         parts = []
         if self.n_real:
             parts.append(self.real.take(rng.integers(len(self.real), size=self.n_real)))
-        if self.n_imaginary and len(self.sources) == 1:
-            parts.append(self.sources[0].take(rng.integers(len(self.sources[0]), size=self.n_imaginary)))
-        elif self.n_imaginary:
+        if self.n_imaginary:
             k = len(self.sources)
             counts = np.full(k, self.n_imaginary // k)
-            counts[rng.choice(k, size=self.n_imaginary % k, replace=False)] += 1
+            if self.n_imaginary % k:  # never with one source, whose batches stay what they were
+                counts[rng.choice(k, size=self.n_imaginary % k, replace=False)] += 1
             parts.extend(t.take(rng.integers(len(t), size=int(c))) for t, c in zip(self.sources, counts) if c)
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return d3rlpy.dataset.TransitionMiniBatch(
