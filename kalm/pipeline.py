@@ -71,15 +71,17 @@ class PipelineConfig:
     # 6.1-6.4 %, 100-150 s more.
     imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 4800), ("easy", 1920), ("hard", 8000))
     # (level, T) pairs overriding ``imagine.generation.max_steps`` for a level. Rephrase
-    # rollouts are capped at 5 steps (the expert needs 2.8 pushes on average): imagined
-    # rollouts longer than three pushes were real on replay only 9-30 % of the time, and
-    # the steps saved pay for five times as many rollouts. Measured with the GPU-grounded
-    # model (900 fresh episodes, 3 seeds): rephrase 41.2 % with 480 uncapped rollouts,
-    # 46.2 % with 2,400 capped ones (baseline 37.1 %); with the CPU-grounded one 34.1 %
-    # against 34.9 %. Hard tasks that are not conjunctions (line, circle) are imagined
-    # whole and capped at 4 steps: none of them was ever kept (0 of 120 at up to 50
-    # steps), and at 50 steps a thousand of them would cost minutes.
-    imagine_max_steps: tuple[tuple[str, int], ...] = (("rephrase", 5), ("hard", 4))
+    # rollouts are capped at 3 steps (the expert needs 2.8 pushes on average): imagined
+    # rollouts longer than three pushes were real on replay only 9-30 % of the time and
+    # made up 5 % of the kept sampled ones, and the steps saved pay for more rollouts.
+    # Side by side (CPU model, 4,800 sampled prompts): a 5-step cap kept 503 rollouts
+    # (78.9 % real) in 144 s, a 3-step cap 503 (80.9 %) in 100 s. Measured earlier with
+    # the GPU-grounded model (900 fresh episodes, 3 seeds): rephrase 41.2 % with 480
+    # uncapped rollouts, 46.2 % with 2,400 capped at 5 (baseline 37.1 %). Hard tasks that
+    # are not conjunctions (line, circle) are imagined whole and capped at 4 steps: none
+    # of them was ever kept (0 of 120 at up to 50 steps), and at 50 steps a thousand of
+    # them would cost minutes.
+    imagine_max_steps: tuple[tuple[str, int], ...] = (("rephrase", 3), ("hard", 4))
     # Levels whose conjunctions (hard ``all_of`` tasks) are imagined one part at a time
     # (ImagineConfig.compose; see kalm.imagine.compose for why and what it measured).
     imagine_composed: tuple[str, ...] = ("hard",)
@@ -119,7 +121,9 @@ class PipelineConfig:
     # KALM policies scored 40.3 % on 3 x 100 rephrase episodes and 47.3 % on 3 x 300.
     eval_episodes: int = 300
     eval_seed: int = 1000  # training seed s is evaluated on plan eval_seed + s (see _plan_seed)
-    llm_policy_episodes: int = 8
+    # The LLM steps its episodes in lockstep batches (kalm.imagine.llm_policy), so 48 per
+    # level take about what 8 took one at a time.
+    llm_policy_episodes: int = 48
     showcases: int = 3
 
     def to_json(self) -> dict[str, Any]:

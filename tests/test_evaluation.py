@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -50,6 +51,37 @@ def test_results_are_reported_per_task_kind():
     by_kind = report["levels"]["hard"]["by_kind"]
     assert set(by_kind) <= {"all_of", "line", "circle"}
     assert sum(k["episodes"] for k in by_kind.values()) == 12
+
+
+class _ObservationHash:
+    """A deterministic policy whose push depends on every coordinate of the observation
+    it is shown, so any observation mixed up between lockstep rows changes its actions."""
+
+    name = "observation-hash"
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _push(obs) -> int:
+        return int(np.floor(np.abs(np.asarray(obs, dtype=np.float64)) * 1e4).sum()) % SPEC.action_space.n
+
+    def begin(self, env, instruction, start, rng):
+        return self._push
+
+    def begin_batch(self, instructions, starts):
+        return lambda observations: np.array([self._push(o) for o in observations])
+
+
+def test_lockstep_batches_score_every_episode_as_one_at_a_time():
+    """Batches of 4 over 10 episodes (the last batch ragged) must reproduce the
+    one-episode-at-a-time results exactly: same starts, stops, steps and successes."""
+    levels = {**resolve_levels(SPEC, "seen", seed=0), **resolve_levels(SPEC, "easy", seed=0)}
+    alone = evaluate(_ObservationHash(batch_size=1), SPEC, levels, episodes=5, seed=4, progress=False)
+    batched = evaluate(_ObservationHash(batch_size=4), SPEC, levels, episodes=5, seed=4, progress=False)
+    assert batched["results"] == alone["results"]
+    outcomes = {r["success"] for r in alone["results"]}
+    assert outcomes == {True, False}, "the check needs episodes that succeed early and episodes that run out"
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (3, 7), (50, 100), (0, 0)])

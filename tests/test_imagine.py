@@ -76,13 +76,13 @@ def test_rows_sharing_an_instruction_share_its_prefill_without_changing_a_rollou
     starts = _starts(8, seed=11)
     config = GenerationConfig(max_steps=5, stop_on_done=False)
     prefilled = []
-    real_start_shared = generate._Sequence.start_shared
+    real_start_shared = generate.CachedSequence.start_shared
 
     def spy(self, rows, initial_states):
         prefilled.append(self.prompt_embeds.shape[0])
         return real_start_shared(self, rows, initial_states)
 
-    monkeypatch.setattr(generate._Sequence, "start_shared", spy)
+    monkeypatch.setattr(generate.CachedSequence, "start_shared", spy)
     shared = generate_rollouts(tiny_model, instructions, starts, config)
     assert prefilled == [2]
     alone = [generate_rollouts(tiny_model, [i], s[None], config)[0] for i, s in zip(instructions, starts)]
@@ -289,6 +289,30 @@ def test_llm_policy_fed_imagined_states_repeats_the_generated_actions(tiny_model
     act = LLMPolicy(tiny_model).begin(env, instruction, start, np.random.default_rng(0))
     chosen = [act(generated.states[t]) for t in range(6)]
     assert chosen == generated.actions.tolist()
+
+
+def test_llm_policy_in_a_batch_acts_as_it_does_alone(tiny_model):
+    """Lockstep evaluation feeds rows of different prompt lengths (left-padded) and
+    different states through one cache; each row must choose what it chooses alone."""
+    from kalm.envs.spec import Instruction
+    from kalm.imagine.llm_policy import LLMPolicy
+
+    spec = get_spec("clevr")
+    env = spec.make_env()
+    instructions = [Instruction("Push the red ball to the left of the blue ball", Relation("red", "blue", "left")),
+                    Instruction("Can you move the green ball behind the cyan ball?", Relation("green", "cyan", "behind")),
+                    Instruction("Push the red ball to the left of the blue ball", Relation("red", "blue", "left"))]
+    starts = np.stack([env.reset(seed=s)[0] for s in (1, 2, 3)]).astype(np.float32)
+    observed = np.stack([np.stack([env.reset(seed=10 * s + t)[0] for t in range(5)]) for s in range(3)])
+    policy = LLMPolicy(tiny_model)
+    alone = []
+    for ins, start, obs in zip(instructions, starts, observed):
+        act = policy.begin(env, ins, start, np.random.default_rng(0))
+        alone.append([act(start)] + [act(o) for o in obs])
+    act_batch = policy.begin_batch(instructions, starts)
+    together = [act_batch(starts)] + [act_batch(observed[:, t]) for t in range(5)]
+    assert np.array(together).T.tolist() == alone
+    assert len({tuple(row) for row in alone}) > 1, "rows that all act alike would not show a mix-up"
 
 
 def test_imagine_command_writes_a_dataset_and_its_statistics(tiny_model, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kalm.envs.spec import EnvSpec, Instruction
-from kalm.evaluation.policies import EvalPolicy
+from kalm.evaluation.policies import BatchEvalPolicy, EvalPolicy
 from kalm.evaluation.stats import wilson_interval
 
 LEVEL_NAMES = ("seen", "rephrase", "easy", "hard")
@@ -77,15 +77,25 @@ def plan_episodes(level: str, instructions: Sequence[Instruction], episodes: int
     return planned
 
 
-def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode) -> EpisodeResult:
+def _reset_to_start(env, planned: PlannedEpisode) -> np.ndarray:
+    """Reset ``env`` to the episode's first start in which its task does not yet hold."""
     task = planned.instruction.task
     for reset_seed in planned.reset_seeds:
         obs, info = env.reset(seed=reset_seed, options={"task": task})
         if not info["success"]:
-            break
-    else:
-        raise RuntimeError(f"no start in {_MAX_START_TRIES} tries where {task.to_json()} does not already hold")
-    act = policy.begin(env, planned.instruction, np.asarray(obs), np.random.default_rng(planned.reset_seeds[-1]))
+            return np.asarray(obs)
+    raise RuntimeError(f"no start in {_MAX_START_TRIES} tries where {task.to_json()} does not already hold")
+
+
+def _result(planned: PlannedEpisode, success: bool, steps: int) -> EpisodeResult:
+    task = planned.instruction.task
+    return EpisodeResult(level=planned.level, index=planned.index, instruction=planned.instruction.text,
+                         task=task.to_json(), kind=task.kind, success=success, steps=steps)
+
+
+def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode) -> EpisodeResult:
+    obs = _reset_to_start(env, planned)
+    act = policy.begin(env, planned.instruction, obs, np.random.default_rng(planned.reset_seeds[-1]))
     success, steps = False, 0
     for steps in range(1, spec.max_episode_steps + 1):
         obs, _, terminated, truncated, info = env.step(act(obs))
@@ -94,15 +104,31 @@ def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode)
             break
         if terminated or truncated:
             break
-    return EpisodeResult(
-        level=planned.level,
-        index=planned.index,
-        instruction=planned.instruction.text,
-        task=task.to_json(),
-        kind=task.kind,
-        success=success,
-        steps=steps,
-    )
+    return _result(planned, success, steps)
+
+
+def run_lockstep(envs: Sequence, spec: EnvSpec, policy: BatchEvalPolicy,
+                 plans: Sequence[PlannedEpisode]) -> list[EpisodeResult]:
+    """The episodes of ``plans`` (one per env), stepped together: the policy chooses
+    every running episode's action in one call. Each episode starts, stops and is
+    scored exactly as :func:`run_episode` would run it alone."""
+    observations = np.stack([_reset_to_start(env, planned) for env, planned in zip(envs, plans)])
+    act = policy.begin_batch([p.instruction for p in plans], observations)
+    running = np.ones(len(plans), dtype=bool)
+    success = np.zeros(len(plans), dtype=bool)
+    steps = np.zeros(len(plans), dtype=np.int64)
+    for step in range(1, spec.max_episode_steps + 1):
+        actions = act(observations)
+        for i in np.flatnonzero(running):
+            obs, _, terminated, truncated, info = envs[i].step(actions[i])
+            observations[i], steps[i] = obs, step
+            if info["success"]:
+                success[i], running[i] = True, False
+            elif terminated or truncated:
+                running[i] = False
+        if not running.any():
+            break
+    return [_result(planned, bool(ok), int(n)) for planned, ok, n in zip(plans, success, steps)]
 
 
 def _rate(results: Sequence[EpisodeResult]) -> dict[str, Any]:
@@ -139,15 +165,26 @@ def evaluate(
     seed: int,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run ``episodes`` episodes per level and return the results as JSON-ready data."""
+    """Run ``episodes`` episodes per level and return the results as JSON-ready data.
+
+    A policy with ``begin_batch`` runs ``batch_size`` episodes at a time in lockstep
+    (:func:`run_lockstep`), with the same results as one at a time."""
     plans = [p for name, ins in levels.items() for p in plan_episodes(name, ins, episodes, seed)]
-    env = spec.make_env()
+    batch = getattr(policy, "batch_size", 1) if hasattr(policy, "begin_batch") else 1
+    envs = [spec.make_env() for _ in range(min(batch, len(plans)))]
     results = []
     try:
-        for planned in tqdm(plans, desc=f"evaluate {policy.name}", unit="ep", disable=not progress):
-            results.append(run_episode(env, spec, policy, planned))
+        with tqdm(total=len(plans), desc=f"evaluate {policy.name}", unit="ep", disable=not progress) as bar:
+            for start in range(0, len(plans), len(envs)):
+                chunk = plans[start : start + len(envs)]
+                if batch > 1:
+                    results += run_lockstep(envs[: len(chunk)], spec, policy, chunk)
+                else:
+                    results.append(run_episode(envs[0], spec, policy, chunk[0]))
+                bar.update(len(chunk))
     finally:
-        env.close()
+        for env in envs:
+            env.close()
     return {
         "policy": policy.name,
         "env": spec.name,

@@ -2,7 +2,9 @@
 
 All three go through the same episode loop (:mod:`kalm.evaluation.evaluate`): at the
 start of an episode a policy is told the environment, the instruction and the start
-observation, and returns the function that maps each observation to an action.
+observation, and returns the function that maps each observation to an action. A
+policy that can act for many episodes at once (:class:`BatchEvalPolicy`, such as the
+LLM policy) is stepped through them in lockstep instead, with the same results.
 
 - ``random`` acts uniformly at random: the floor any policy must beat.
 - ``expert`` is the environment's scripted planner given the *task* (not the text):
@@ -11,7 +13,7 @@ observation, and returns the function that maps each observation to an action.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +31,16 @@ class EvalPolicy(Protocol):
     name: str
 
     def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn: ...
+
+
+class BatchEvalPolicy(EvalPolicy, Protocol):
+    """A policy that can also act for ``batch_size`` episodes at once (evaluation then
+    steps that many episodes together): ``begin_batch(instructions, starts)`` returns
+    the function from the batch's observations to its actions."""
+
+    batch_size: int
+
+    def begin_batch(self, instructions: Sequence[Instruction], starts: np.ndarray) -> Callable[[np.ndarray], Any]: ...
 
 
 class TrainedPolicy:

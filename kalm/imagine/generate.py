@@ -78,8 +78,9 @@ class GeneratedRollout:
     stopped_by: str  # "done" (the model's signal), "stop" (the caller's stop function), or "horizon"
 
 
-class _Sequence:
-    """The growing batch: prompt embeddings, then one embedding per generated token."""
+class CachedSequence:
+    """The growing batch: prompt embeddings, then one embedding per generated token
+    (shared by the generator and the LLM policy, which feeds real states instead)."""
 
     def __init__(self, model, prompt: dict, device: torch.device):
         self.model = model
@@ -151,8 +152,8 @@ def _choose_actions(model, hidden: torch.Tensor, temperature: float, generator: 
     return out
 
 
-def _prefill(model, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
-             device: torch.device) -> tuple[_Sequence, torch.Tensor]:
+def prefill(model, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
+            device: torch.device) -> tuple[CachedSequence, torch.Tensor]:
     """The sequence after the prompts, and the hidden state at each row's ``s_0``;
     rows with the same instruction share one prefill when the cache is on."""
     first_row: dict[str, int] = {}
@@ -161,13 +162,13 @@ def _prefill(model, instructions: Sequence[str], initial_states: np.ndarray, con
     if config.use_cache and config.share_prefill and len(first_row) < len(instructions):
         distinct = list(first_row)
         prompts = model.build_generation_prompt(distinct, initial_states[list(first_row.values())])
-        seq = _Sequence(model, prompts, device)
+        seq = CachedSequence(model, prompts, device)
         prompt_of = {text: k for k, text in enumerate(distinct)}
         rows = torch.as_tensor([prompt_of[t] for t in instructions], device=device)
         hidden = seq.start_shared(rows, torch.as_tensor(initial_states, dtype=torch.float32, device=device))
         if hidden is not None:
             return seq, hidden
-    seq = _Sequence(model, model.build_generation_prompt(list(instructions), initial_states), device)
+    seq = CachedSequence(model, model.build_generation_prompt(list(instructions), initial_states), device)
     return seq, seq.start(config.use_cache)
 
 
@@ -178,7 +179,7 @@ def _generate_batch(
 ) -> list[GeneratedRollout]:
     device = next(model.parameters()).device
     batch = len(instructions)
-    seq, hidden = _prefill(model, instructions, initial_states, config, device)
+    seq, hidden = prefill(model, instructions, initial_states, config, device)
     state = torch.as_tensor(initial_states, dtype=torch.float32, device=device)
     states, actions = [state.cpu().numpy()], []
     ended = np.full(batch, -1)  # number of actions when the row stopped
