@@ -69,7 +69,7 @@ class PipelineConfig:
     # the 400-step CPU model (BC, 3 x 300 episodes, baseline 3.9 %): 4,800 prompts kept
     # 116 rollouts (28 % real on replay), hard 4.7 %; 8,000 kept 157 (32 %), hard
     # 6.1-6.4 %, 100-150 s more.
-    imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 4800), ("easy", 1920), ("hard", 8000))
+    imagine_counts: tuple[tuple[str, int], ...] = (("rephrase", 14400), ("easy", 1920), ("hard", 8000))
     # (level, T) pairs overriding ``imagine.generation.max_steps`` for a level. Rephrase
     # rollouts are capped at 3 steps (the expert needs 2.8 pushes on average): imagined
     # rollouts longer than three pushes were real on replay only 9-30 % of the time and
@@ -87,10 +87,13 @@ class PipelineConfig:
     imagine_composed: tuple[str, ...] = ("hard",)
     # (level, k) pairs overriding ``imagine.starts_per_instruction``: each drawn
     # instruction is imagined from k start states, which share its prefill. Rephrase:
-    # each of the level's 2,400 instructions from 2 starts; the 4,800 sampled rollouts
-    # take 94-105 s of generation in bf16 against 54 s for 2,400 greedy ones (the whole
-    # stage, with loading the model and the replay audit, 160 s against 96 s).
-    imagine_starts: tuple[tuple[str, int], ...] = (("rephrase", 2),)
+    # each of the level's 2,400 instructions from 6 starts (14,400 sampled rollouts of
+    # at most 3 steps, 205 s of generation in bf16 on 2 cores). With the default
+    # grounding, rephrase success grows with the rephrase rollouts (BC, 3 seeds x 300
+    # episodes, baseline 36.9 %): none 38.8 %, 2 starts 38.9 %, 4 starts 42.2 %, 6 starts
+    # 44.8 %; with the weaker grounding seed 2 it stays at 36-38 % (README, *How much
+    # rephrase data*).
+    imagine_starts: tuple[tuple[str, int], ...] = (("rephrase", 6),)
     # (level, temperature) pairs overriding ``imagine.generation.temperature`` (so a
     # temperature set there reaches only the levels not named here). Rephrase
     # and easy actions are sampled (temperature 1), not greedy: greedy decoding of a
@@ -108,8 +111,15 @@ class PipelineConfig:
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
     # imaginary_ratio 0.1, not the paper's 0.5: with a few hundred imagined rollouts
     # against 1,600 real episodes, half of every batch repeats them ~2,000 times each
-    # and the policy lost 17-20 points on seen tasks (measured, see the README).
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=5000, imaginary_ratio=0.1))
+    # and the policy lost 17-20 points on seen tasks (measured, see the README); 0.15
+    # cost 2.5-3 points of seen (3 seeds, two groundings). The share is split evenly
+    # between the imagined levels: 14,400 rephrase prompts keep some 1,500 rollouts,
+    # which pooled by transitions would take three quarters of the share and halve
+    # the easy and hard parts. Default grounding, 3 seeds x 300 episodes (baseline
+    # 59.4 / 36.9 / 20.3 / 3.9 %): pooled 58.9 / 44.8 / 58.4 / 4.2, split 58.8 / 45.8 /
+    # 68.9 / 7.0 (README, *How much rephrase data*).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=5000, imaginary_ratio=0.1,
+                                                                   imaginary_mix="per_source"))
     # Five training seeds: BC on 2 threads is not bit-reproducible and one seed's
     # policy moves a level by several points, so the paired comparison pools 5 x 300
     # episodes per level (about +-3 points of 95 % interval on a difference, against

@@ -47,11 +47,14 @@ class TrainConfig:
         imaginary_mix: how that share is spread over several imaginary files:
             ``pooled`` draws uniformly over all their transitions, ``per_source``
             gives each file an equal part (see :mod:`kalm.offline.buffers`).
-            ``pooled`` is the default by measurement (CLEVR, BC, 3 seeds, 10 % pooled
-            against 20-30 % split): split, a small poor source (43 hard rollouts, 30 %
-            real) was repeated hundreds of times and hard fell to 1.8-2.6 % against a
-            3.9 % baseline, seen tasks scored 55-58 % against 59.4 %, and rephrase
-            gained nothing reliable (README, *Greedy or sampled imagination*).
+            Neither wins everywhere, so the plain default is ``pooled`` (the files'
+            natural proportions) and a pipeline chooses by measurement. CLEVR (BC,
+            3 seeds): at a 20-30 % imagined share, split, a small poor source (43
+            hard rollouts, 30 % real) was repeated hundreds of times and hard fell to
+            1.8-2.6 % against a 3.9 % baseline; at 10 %, with ~1,500 rephrase rollouts
+            that pooled would take three quarters of the share, split kept easy and
+            hard where they were and rephrase rose as well, so ``clevr-default``
+            splits (README, *How much rephrase data*).
         encoder: the instruction encoder (see :mod:`kalm.offline.encoder`).
         hidden_units: the MLP every network uses.
         cql_alpha: weight of CQL's conservative term.
