@@ -157,8 +157,9 @@ def run_precision(model_fp32, batch: int = 64, steps: int = 5, rollouts: int = 1
 
 def run_llm_policy(model, episodes_per_level: int = 8, batch: int = 64) -> tuple[str, list[dict]]:
     """The LLM as a policy in the real simulator (greedy, every level, ``episodes_per_level``
-    each), one episode at a time and then in lockstep batches of ``batch``, side by side;
-    the two must score every episode alike before any time is reported."""
+    each), one episode at a time and then in lockstep batches of ``batch``, side by side.
+    The table says how many episodes the two scored differently (in bf16 a padded batch
+    can flip a near-tie; in fp32 the tests require none)."""
     from kalm.evaluation.evaluate import evaluate, resolve_levels
     from kalm.imagine.llm_policy import LLMPolicy
 
@@ -169,12 +170,13 @@ def run_llm_policy(model, episodes_per_level: int = 8, batch: int = 64) -> tuple
         start = time.perf_counter()
         report = evaluate(LLMPolicy(model, batch_size=size), spec, levels, episodes_per_level, 1000, progress=False)
         timed[size] = (time.perf_counter() - start, report["results"])
-    if timed[1][1] != timed[batch][1]:
-        raise AssertionError("lockstep batches scored some episode differently from one at a time")
     episodes = len(timed[1][1])
-    row = {"episodes": episodes, "batch": batch, "one_at_a_time_s": timed[1][0], "lockstep_s": timed[batch][0]}
+    differ = sum(a != b for a, b in zip(timed[1][1], timed[batch][1]))
+    row = {"episodes": episodes, "batch": batch, "one_at_a_time_s": timed[1][0], "lockstep_s": timed[batch][0],
+           "episodes_scored_differently": differ}
     lines = [f"## LLM as policy ({episodes} episodes in the simulator, {model.inference_dtype})", "",
-             "| one at a time | lockstep batches of " + str(batch) + " | speed-up |", "|---|---|---|",
+             f"| one at a time | lockstep batches of {batch} | speed-up | episodes scored differently |",
+             "|---|---|---|---|",
              f"| {row['one_at_a_time_s']:.1f} s | {row['lockstep_s']:.1f} s | "
-             f"{row['one_at_a_time_s'] / row['lockstep_s']:.1f}x |"]
+             f"{row['one_at_a_time_s'] / row['lockstep_s']:.1f}x | {differ} of {episodes} |"]
     return "\n".join(lines), [row]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,3 +26,58 @@ def tiny_backbone(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+class ObservationHashPolicy:
+    """A deterministic evaluation policy whose action depends on every coordinate of the
+    observation it is shown, recording what each episode showed it: one at a time
+    (``begin``) or in lockstep (``begin_batch``), the records must match."""
+
+    name = "observation-hash"
+
+    def __init__(self, spec, batch_size: int):
+        self.spec, self.batch_size, self.shown = spec, batch_size, []
+        out = 1 if spec.discrete else spec.action_dim
+        self.weights = np.random.default_rng(0).normal(size=(spec.state_dim, out))
+
+    def _act(self, obs):
+        value = np.sin(np.asarray(obs, dtype=np.float64) @ self.weights * 3)
+        if self.spec.discrete:
+            return int(abs(value[0]) * 1e6) % self.spec.action_space.n
+        return value.astype(np.float32)
+
+    def begin(self, env, instruction, start, rng):
+        shown = []
+        self.shown.append(shown)
+
+        def act(obs):
+            shown.append(np.array(obs, dtype=np.float64))
+            return self._act(obs)
+
+        return act
+
+    def begin_batch(self, instructions, starts):
+        rows = [[] for _ in instructions]
+        self.shown += rows
+
+        def act(observations):
+            for shown, obs in zip(rows, observations):
+                shown.append(np.array(obs, dtype=np.float64))
+            return np.stack([np.asarray(self._act(obs)) for obs in observations])
+
+        return act
+
+    def same_as(self, other) -> bool:
+        """Every episode was shown the same observations. A lockstep row keeps being
+        asked after its episode ended, so the shorter record (the steps the episode
+        used; the results compare those counts) is what must match."""
+        def alike(a, b):
+            n = min(len(a), len(b))
+            return np.array_equal(np.stack(a[:n]), np.stack(b[:n]))
+
+        return len(self.shown) == len(other.shown) and all(alike(a, b) for a, b in zip(self.shown, other.shown))
+
+
+@pytest.fixture
+def observation_hash_policy():
+    return ObservationHashPolicy

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -53,33 +52,16 @@ def test_results_are_reported_per_task_kind():
     assert sum(k["episodes"] for k in by_kind.values()) == 12
 
 
-class _ObservationHash:
-    """A deterministic policy whose push depends on every coordinate of the observation
-    it is shown, so any observation mixed up between lockstep rows changes its actions."""
-
-    name = "observation-hash"
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-
-    @staticmethod
-    def _push(obs) -> int:
-        return int(np.floor(np.abs(np.asarray(obs, dtype=np.float64)) * 1e4).sum()) % SPEC.action_space.n
-
-    def begin(self, env, instruction, start, rng):
-        return self._push
-
-    def begin_batch(self, instructions, starts):
-        return lambda observations: np.array([self._push(o) for o in observations])
-
-
-def test_lockstep_batches_score_every_episode_as_one_at_a_time():
-    """Batches of 4 over 10 episodes (the last batch ragged) must reproduce the
-    one-episode-at-a-time results exactly: same starts, stops, steps and successes."""
+def test_lockstep_batches_score_every_episode_as_one_at_a_time(observation_hash_policy):
+    """Batches of 3 over 10 episodes (the last batch a single one) must reproduce the
+    one-episode-at-a-time run exactly: same starts, observations, stops, steps and
+    successes."""
     levels = {**resolve_levels(SPEC, "seen", seed=0), **resolve_levels(SPEC, "easy", seed=0)}
-    alone = evaluate(_ObservationHash(batch_size=1), SPEC, levels, episodes=5, seed=4, progress=False)
-    batched = evaluate(_ObservationHash(batch_size=4), SPEC, levels, episodes=5, seed=4, progress=False)
+    one, three = observation_hash_policy(SPEC, batch_size=1), observation_hash_policy(SPEC, batch_size=3)
+    alone = evaluate(one, SPEC, levels, episodes=5, seed=4, progress=False)
+    batched = evaluate(three, SPEC, levels, episodes=5, seed=4, progress=False)
     assert batched["results"] == alone["results"]
+    assert three.same_as(one)
     outcomes = {r["success"] for r in alone["results"]}
     assert outcomes == {True, False}, "the check needs episodes that succeed early and episodes that run out"
 

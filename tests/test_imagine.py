@@ -311,6 +311,7 @@ def test_llm_policy_in_a_batch_acts_as_it_does_alone(tiny_model):
         alone.append([act(start)] + [act(o) for o in obs])
     act_batch = policy.begin_batch(instructions, starts)
     together = [act_batch(starts)] + [act_batch(observed[:, t]) for t in range(5)]
+    env.close()
     assert np.array(together).T.tolist() == alone
     assert len({tuple(row) for row in alone}) > 1, "rows that all act alike would not show a mix-up"
 

@@ -328,3 +328,16 @@ def test_tiny_pipeline_runs_on_metaworld_with_continuous_actions(tiny_backbone, 
     assert episode.actions.ndim == 2 and episode.actions.shape[1] == 4 and episode.observations.shape[1] == 39
     policy = json.loads(next((tmp_path / "stages").glob("train-kalm-s0-*/policy/config.json")).read_text())
     assert policy["train"]["algo"] == "td3plusbc" and policy["imaginary_transitions"] > 0
+
+
+def test_lockstep_evaluation_shows_every_episode_what_it_sees_alone(spec, observation_hash_policy):
+    """Lockstep evaluation runs each episode in its own env instance; the package
+    environments they cache must not carry anything from one episode into the next."""
+    from kalm.evaluation.evaluate import evaluate, resolve_levels
+
+    levels = resolve_levels(spec, "all", 0)
+    one, three = observation_hash_policy(spec, batch_size=1), observation_hash_policy(spec, batch_size=3)
+    alone = evaluate(one, spec, levels, 2, 3, progress=False)
+    batched = evaluate(three, spec, levels, 2, 3, progress=False)
+    assert batched["results"] == alone["results"]
+    assert three.same_as(one)

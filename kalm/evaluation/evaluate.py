@@ -112,6 +112,8 @@ def run_lockstep(envs: Sequence, spec: EnvSpec, policy: BatchEvalPolicy,
     """The episodes of ``plans`` (one per env), stepped together: the policy chooses
     every running episode's action in one call. Each episode starts, stops and is
     scored exactly as :func:`run_episode` would run it alone."""
+    if len(envs) != len(plans):
+        raise ValueError(f"run_lockstep needs one env per episode, got {len(envs)} envs for {len(plans)} episodes")
     observations = np.stack([_reset_to_start(env, planned) for env, planned in zip(envs, plans)])
     act = policy.begin_batch([p.instruction for p in plans], observations)
     running = np.ones(len(plans), dtype=bool)
@@ -170,10 +172,10 @@ def evaluate(
     A policy with ``begin_batch`` runs ``batch_size`` episodes at a time in lockstep
     (:func:`run_lockstep`), with the same results as one at a time."""
     plans = [p for name, ins in levels.items() for p in plan_episodes(name, ins, episodes, seed)]
-    batch = getattr(policy, "batch_size", 1) if hasattr(policy, "begin_batch") else 1
-    envs = [spec.make_env() for _ in range(min(batch, len(plans)))]
-    results = []
+    batch = max(1, getattr(policy, "batch_size", 1)) if hasattr(policy, "begin_batch") else 1
+    envs, results = [], []
     try:
+        envs += [spec.make_env() for _ in range(max(1, min(batch, len(plans))))]
         with tqdm(total=len(plans), desc=f"evaluate {policy.name}", unit="ep", disable=not progress) as bar:
             for start in range(0, len(plans), len(envs)):
                 chunk = plans[start : start + len(envs)]

