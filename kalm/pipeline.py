@@ -90,9 +90,9 @@ class PipelineConfig:
     # each of the level's 2,400 instructions from 6 starts (14,400 sampled rollouts of
     # at most 3 steps, 205 s of generation in bf16 on 2 cores). With the default
     # grounding, rephrase success grows with the rephrase rollouts (BC, 3 seeds x 300
-    # episodes, baseline 36.9 %): none 38.8 %, 2 starts 38.9 %, 4 starts 42.2 %, 6 starts
-    # 44.8 %; with the weaker grounding seed 2 it stays at 36-38 % (README, *How much
-    # rephrase data*).
+    # episodes, baseline 36.9 %, imagined share pooled): none 38.8 %, 2 starts 38.9 %,
+    # 4 starts 42.2 %, 6 starts 44.8 % (45.8 % split, the default mix below); with the
+    # weaker grounding seed 2 it stays at 34-38 % (README, *How much rephrase data*).
     imagine_starts: tuple[tuple[str, int], ...] = (("rephrase", 6),)
     # (level, temperature) pairs overriding ``imagine.generation.temperature`` (so a
     # temperature set there reaches only the levels not named here). Rephrase
@@ -103,9 +103,9 @@ class PipelineConfig:
     # 11 points of rephrase success. Sampled, the kept pushes spread like the real
     # ones and are more often real on replay (rephrase 84-89 % against 73 %). Measured
     # (3 seeds x 300 episodes, baseline 59.4 / 36.9 / 20.3 / 3.9 %; seen / rephrase /
-    # easy / hard): grounding seed 2, greedy 58.4 / 25.0 / 49.6 / 3.4, these defaults
-    # 59.0 / 37.7 / 66.2 / 3.6; grounding seed 0, greedy 59.0 / 41.3 / 60.7 / 6.3, these
-    # defaults 56.0 / 38.9 / 63.0 / 7.0 (README, *Greedy or sampled imagination*). Hard
+    # easy / hard; 2 rephrase starts, pooled): grounding seed 2, greedy 58.4 / 25.0 /
+    # 49.6 / 3.4, sampled 59.0 / 37.7 / 66.2 / 3.6; grounding seed 0, greedy 59.0 / 41.3 /
+    # 60.7 / 6.3, sampled 56.0 / 38.9 / 63.0 / 7.0 (README, *Greedy or sampled imagination*). Hard
     # stays greedy: sampled, grounding seed 2 kept 28 composed rollouts of 8,000, not 43.
     imagine_temperature: tuple[tuple[str, float], ...] = (("rephrase", 1.0), ("easy", 1.0))
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))

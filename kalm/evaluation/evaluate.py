@@ -172,7 +172,7 @@ def evaluate(
     A policy with ``begin_batch`` runs ``batch_size`` episodes at a time in lockstep
     (:func:`run_lockstep`), with the same results as one at a time."""
     plans = [p for name, ins in levels.items() for p in plan_episodes(name, ins, episodes, seed)]
-    batch = max(1, getattr(policy, "batch_size", 1)) if hasattr(policy, "begin_batch") else 1
+    batch = getattr(policy, "batch_size", 1) if hasattr(policy, "begin_batch") else 1
     envs, results = [], []
     try:
         envs += [spec.make_env() for _ in range(max(1, min(batch, len(plans))))]

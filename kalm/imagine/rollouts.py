@@ -104,8 +104,8 @@ def sample_prompts(
     ``starts_per_instruction`` consecutive prompts, and every prompt its own start state
     from the environment's reset distribution for its task (consecutive repeats share
     their prefill in generation). Drawing phrasings with replacement instead, 2,400
-    rephrase prompts offered 1,517 of the 2,400 held-out phrasings; a policy learns a
-    phrasing from imagined rollouts only if some rollout carries it."""
+    rephrase prompts offered 1,517 of the 2,400 held-out phrasings, so the rollouts
+    spoke in fewer wordings than the level has."""
     if level not in spec.levels:
         raise ValueError(f"unknown level {level!r} (levels: {', '.join(spec.levels)})")
     if starts_per_instruction < 1:
