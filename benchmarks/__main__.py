@@ -21,10 +21,11 @@ import torch
 
 
 def _machine() -> str:
-    import kalm.offline  # noqa: F401  (silences the gym notice that importing d3rlpy prints)
     import d3rlpy
     import mujoco
     import transformers
+
+    import kalm.offline  # noqa: F401  (silences the gym notice that importing d3rlpy prints)
 
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, mujoco "

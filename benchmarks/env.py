@@ -23,7 +23,7 @@ def push_rate(seconds: float = 3.0) -> float:
     rng = np.random.default_rng(0)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        _, _, terminated, truncated, _ = env.step(int(rng.integers(40)))
+        _, _, _terminated, _truncated, _ = env.step(int(rng.integers(40)))
         n += 1
         if n % 50 == 0:
             env.reset()
@@ -57,7 +57,7 @@ def expert_success(episodes_per_kind: int = 40, seed: int = 0) -> dict[str, tupl
         for i in range(episodes_per_kind):
             task = tasks[i % len(tasks)]
             obs, info = env.reset(seed=int(rng.integers(2**31)), options={"task": task})
-            for t in range(spec.max_episode_steps):
+            for t in range(spec.max_episode_steps):  # noqa: B007 - t is read after the loop
                 obs, _, terminated, truncated, info = env.step(expert(obs, task, env.unwrapped.start_state))
                 if terminated or truncated:
                     break

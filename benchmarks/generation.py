@@ -121,7 +121,8 @@ def run_shared_prefill(model, batch: int = 64, steps: int = 5, starts: Sequence[
                 raise AssertionError(f"shared and separate prefill disagree with {k} starts per instruction")
             rows.append({"k": k, "batch": batch, "T": steps, "separate_s": timed[False][0], "shared_s": timed[True][0]})
     lines = [f"## Shared prefill: k start states per instruction (batch {batch}, T = {steps}, rephrased instructions)",
-             "", "| k | separate rollouts/s | shared rollouts/s | speed-up | same trajectories |", "|---|---|---|---|---|"]
+             "", "| k | separate rollouts/s | shared rollouts/s | speed-up | same trajectories |",
+             "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['k']} | {batch / r['separate_s']:.1f} | {batch / r['shared_s']:.1f} | "
                      f"{r['separate_s'] / r['shared_s']:.2f}x | yes |")
@@ -150,7 +151,8 @@ def run_precision(model_fp32, batch: int = 64, steps: int = 5, rollouts: int = 1
     lines = [f"## Inference precision ({rollouts} rephrased prompts, batch {batch}, T = {steps}, greedy)", "",
              "| fp32 rollouts/s | bf16 rollouts/s | speed-up | rollouts with every action equal | largest state gap "
              "among those |", "|---|---|---|---|---|",
-             f"| {rollouts / row['fp32_s']:.1f} | {rollouts / row['bf16_s']:.1f} | {row['fp32_s'] / row['bf16_s']:.2f}x "
+             f"| {rollouts / row['fp32_s']:.1f} | {rollouts / row['bf16_s']:.1f} "
+             f"| {row['fp32_s'] / row['bf16_s']:.2f}x "
              f"| {row['same_actions']:.0%} | {gap:.3f} |"]
     return "\n".join(lines), [row]
 

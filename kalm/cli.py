@@ -141,7 +141,7 @@ def ground(
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {checkpoint_every}")
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        overrides = dict(steps=steps, checkpoint_every=checkpoint_every, num_threads=threads)
+        overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "num_threads": threads}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume)
     except (ValueError, OSError) as exc:
@@ -161,7 +161,8 @@ def imagine(
     max_steps: int = typer.Option(None, help="Longest rollout (T)."),
     batch_size: int = typer.Option(None, help="Rollouts generated together."),
     keep_failures: bool = typer.Option(None, "--keep-failures/--drop-failures",
-                                       help="Keep rollouts that never reach the goal, with zero reward (default: drop)."),
+                                       help="Keep rollouts that never reach the goal, with zero reward "
+                                            "(default: drop)."),
     physics_filter: bool = typer.Option(None, "--physics-filter/--no-physics-filter",
                                         help="Drop rollouts with implausible moves (default: on)."),
     explain_back: bool = typer.Option(False, "--explain-back",
@@ -184,23 +185,23 @@ def imagine(
         import json
 
         from kalm.data.episodes import save_episodes
+        from kalm.data.files import write_json_atomic
         from kalm.envs import get_spec
         from kalm.grounding.model import GroundedLM
         from kalm.imagine.rollouts import ImagineConfig
         from kalm.imagine.rollouts import imagine as run_imagine
-        from kalm.data.files import write_json_atomic
 
         grounded = GroundedLM.load(model)
         spec = get_spec(grounded.config.env)
         grounded.merge_lora()
         base = ImagineConfig()
-        generation = dataclasses.replace(base.generation, **{k: v for k, v in dict(
-            temperature=temperature, max_steps=max_steps, batch_size=batch_size).items() if v is not None})
-        chosen = {k: v for k, v in dict(keep_failures=keep_failures, physics_filter=physics_filter,
-                                        robust_noise=robust_noise, robust_share=robust_share,
-                                        segment_steps=segment_steps,
-                                        starts_per_instruction=starts_per_instruction,
-                                        precision=precision).items()
+        generation = dataclasses.replace(base.generation, **{k: v for k, v in {
+            "temperature": temperature, "max_steps": max_steps, "batch_size": batch_size}.items() if v is not None})
+        chosen = {k: v for k, v in {"keep_failures": keep_failures, "physics_filter": physics_filter,
+                                        "robust_noise": robust_noise, "robust_share": robust_share,
+                                        "segment_steps": segment_steps,
+                                        "starts_per_instruction": starts_per_instruction,
+                                        "precision": precision}.items()
                   if v is not None}
         config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back, compose=compose,
                                      generation=generation, **chosen)
@@ -243,10 +244,11 @@ def train_cmd(
         from kalm.offline.config import TrainConfig
         from kalm.offline.train import train
 
-        options = dict(
-            algo=algo, seed=seed, reward=reward, imaginary_ratio=imaginary_ratio, imaginary_mix=imaginary_mix,
-            batch_size=batch_size, learning_rate=learning_rate, encoder=encoder, checkpoint_every=checkpoint_every,
-        )
+        options = {
+            "algo": algo, "seed": seed, "reward": reward, "imaginary_ratio": imaginary_ratio,
+            "imaginary_mix": imaginary_mix, "batch_size": batch_size, "learning_rate": learning_rate,
+            "encoder": encoder, "checkpoint_every": checkpoint_every,
+        }
         if steps is not None:
             options["steps"] = steps
         result = train(data, out, TrainConfig(**options), imaginary=imaginary, resume=resume,
@@ -287,7 +289,8 @@ def evaluate_cmd(
 
 @app.command()
 def run(
-    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-gpu, clevr-tiny, metaworld-default) or a JSON file of overrides."),
+    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-gpu, clevr-tiny, "
+                                                     "metaworld-default) or a JSON file of overrides."),
     out: Path = typer.Option(Path("runs/clevr-default"), help="Run directory (stages are cached and resumed there)."),
     llm: str = typer.Option(None, help="Override the backbone: a local Hugging Face causal-LM directory or 'smollm2'."),
     grounded_model: Path = typer.Option(None, help="Adopt this grounded model/ directory (from `kalm ground`, e.g. "

@@ -16,11 +16,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from kalm.data.files import write_atomic, write_text_atomic  # noqa: E402
-from kalm.envs.spec import EnvSpec  # noqa: E402
+from kalm.data.files import write_atomic, write_text_atomic
+from kalm.envs.spec import EnvSpec
 
 LEVELS = ("seen", "rephrase", "easy", "hard")
 
@@ -173,7 +173,8 @@ def _showcase_gif(spec: EnvSpec, show: Showcase, path: Path) -> None:
     n = max(len(show.imagined), len(show.real))
     frames = []
     for t in range(n):
-        left = render(show.imagined[min(t, len(show.imagined) - 1)], 192, f"imagined, step {min(t, len(show.imagined) - 1)}")
+        i = min(t, len(show.imagined) - 1)
+        left = render(show.imagined[i], 192, f"imagined, step {i}")
         right = render(show.real[min(t, len(show.real) - 1)], 192, f"policy in sim, step {min(t, len(show.real) - 1)}")
         frames.append(np.concatenate([left, np.full((192, 6, 3), 255, np.uint8), right], axis=1))
     images = [Image.fromarray(f) for f in frames]

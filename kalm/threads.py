@@ -23,7 +23,7 @@ def free_cores(window_s: float = 0.5) -> int:
     busy = _busy_cores(window_s)
     if busy is None:
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, cores - int(round(busy))))
+    return max(1, min(cores, cores - round(busy)))
 
 
 def _busy_cores(window_s: float) -> float | None:

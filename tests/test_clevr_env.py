@@ -76,7 +76,7 @@ def test_gymnasium_env_checker_passes():
 def test_registered_id_has_the_fifty_push_horizon():
     env = gym.make("kalm/CLEVRRobot-v0")
     env.reset(seed=0)
-    for step in range(1, 51):
+    for step in range(1, 51):  # noqa: B007 - step is read after the loop
         *_, terminated, truncated, _ = env.step(0)
         assert not terminated
         if truncated:
@@ -103,7 +103,7 @@ def test_success_is_reported_and_terminates(env):
     start = SPREAD.copy()
     start[0:2] = (-0.2, 0.25)
     start[2:4] = (0.15, 0.25)  # red already 0.35 left of blue: the goal holds from the start
-    obs, info = env.reset(seed=0, options={"task": task.to_json(), "state": start})
+    _obs, info = env.reset(seed=0, options={"task": task.to_json(), "state": start})
     assert info["success"]
     _, reward, terminated, _, info = env.step(8 * 4 + 3)  # push cyan forward; red/blue untouched
     assert info["success"] and terminated and reward == 1.0
@@ -127,7 +127,7 @@ def test_expert_solves_relation_goals():
 
 def test_planner_leaves_the_simulator_where_it_was():
     env = CLEVRRobotEnv()
-    obs, _ = env.reset(seed=5)
+    _obs, _ = env.reset(seed=5)
     env.step(4)  # give the balls some velocity
     before = env.snapshot()
     make_expert(env).plan(Relation("red", "green", "behind"), env.start_state)

@@ -107,7 +107,7 @@ def test_costs_vanish_exactly_on_success():
 
 def test_level_sizes_and_kinds():
     spec = get_spec("clevr")
-    assert len(relation_goals()) == 80 and len({t for t in relation_goals()}) == 80
+    assert len(relation_goals()) == 80 and len(set(relation_goals())) == 80
     assert {i.task.kind for i in spec.levels["seen"](0)} == {"relation"}
     assert {i.task.kind for i in spec.levels["rephrase"](0)} == {"relation"}
     assert {i.task.kind for i in spec.levels["easy"](0)} == {"push"}

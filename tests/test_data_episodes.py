@@ -103,7 +103,7 @@ def test_episode_checks_its_shapes() -> None:
         Episode(obs[:3], act, rew, False, True, "x", TASK)
     with pytest.raises(DatasetError, match="rewards must have shape"):
         Episode(obs, act, rew[:2], False, True, "x", TASK)
-    with pytest.raises(DatasetError, match="discrete.*integers"):
+    with pytest.raises(DatasetError, match=r"discrete.*integers"):
         Episode(obs, act.astype(float), rew, False, True, "x", TASK)
     with pytest.raises(DatasetError, match="at least one transition"):
         Episode(obs[:1], act[:0], rew[:0], False, True, "x", TASK)
@@ -202,7 +202,7 @@ def test_missing_arrays_are_refused(good_file: Path, name: str) -> None:
 
 def test_wrong_shapes_and_dtypes_are_refused(good_file: Path) -> None:
     with h5py.File(good_file) as f:
-        arrays = {k: f[k][()] for k in f.keys()}
+        arrays = {k: f[k][()] for k in f}
     cases = [
         ("observations", arrays["observations"][:, :9], None, "'observations' has state_dim 9, the env has 10"),
         ("observations", arrays["observations"][:-1], None, "'observations' has .* rows but 'episode_lengths' implies"),

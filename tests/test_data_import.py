@@ -73,12 +73,12 @@ def test_bad_sources_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="'observations' must hold finite numbers"):
         import_kalm_clevr(_write_toy_variant(tmp_path, observations=observations), SPEC)
     pickled = _write_toy_variant(tmp_path, instructions=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(DatasetError, match="cannot read as a pickle-free .npz"):
+    with pytest.raises(DatasetError, match=r"cannot read as a pickle-free .npz"):
         import_kalm_clevr(pickled, SPEC)
     with np.load(TOY, allow_pickle=False) as raw:
         partial = {k: raw[k] for k in raw.files if k != "masks"}
     np.savez(tmp_path / "partial.npz", **partial)
-    with pytest.raises(DatasetError, match="missing array.*'masks'"):
+    with pytest.raises(DatasetError, match=r"missing array.*'masks'"):
         import_kalm_clevr(tmp_path / "partial.npz", SPEC)
     text = tmp_path / "text.npz"
     text.write_text("not a zip")

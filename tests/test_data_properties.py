@@ -47,7 +47,7 @@ array_strategy = st.tuples(
 
 
 @given(
-    arrays=st.dictionaries(st.sampled_from(NAMES + ("extra",)), array_strategy, min_size=0, max_size=9),
+    arrays=st.dictionaries(st.sampled_from((*NAMES, "extra")), array_strategy, min_size=0, max_size=9),
     strings=st.dictionaries(
         st.sampled_from(("instructions", "tasks")),
         st.lists(st.sampled_from(["", "push", TASK, "{", '{"kind": "line"}', "[]", "null", "é"]), max_size=4),

@@ -46,7 +46,7 @@ BAD_LINES = {
 }
 
 
-@pytest.mark.parametrize("bad, message", list(BAD_LINES.items()), ids=[m for m in BAD_LINES.values()])
+@pytest.mark.parametrize("bad, message", list(BAD_LINES.items()), ids=list(BAD_LINES.values()))
 def test_malformed_line_is_refused_with_its_number(tmp_path, bad, message):
     path = _write(tmp_path, GOOD.encode() + b"\n\n" + bad + b"\n" + GOOD.encode() + b"\n")
     with pytest.raises(TaskFileError) as info:

@@ -39,7 +39,7 @@ WAIT_S = 300  # a generous bound so a broken stage fails the test instead of han
 
 def kalm_process(*args, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    handle = open(log, "ab")
+    handle = open(log, "ab")  # noqa: SIM115 - the child process writes to it for its whole life
     return subprocess.Popen([sys.executable, "-m", "kalm.cli", *map(str, args)], stdout=handle, stderr=handle, env=env)
 
 
@@ -123,7 +123,7 @@ def _collect_with_kills(tmp_path: Path, reference: Path, kill_points: list[str])
     survived = 0
     for point in kill_points:
         process = kalm_process(*_collect_args(out), log=log)
-        wait_until(lambda: COLLECT_KILLS[point](out) or out.exists(), process, log, point)
+        wait_until(lambda point=point: COLLECT_KILLS[point](out) or out.exists(), process, log, point)
         kill(process)
         survived += 1
         if out.exists():
@@ -188,7 +188,7 @@ def _train_with_kills(tmp_path: Path, data: Path, reference: Path, kill_points: 
     survived = 0
     for i, point in enumerate(kill_points):
         process = kalm_process(*_train_args(data, out, resume=i > 0), log=log)
-        wait_until(lambda: TRAIN_KILLS[point](out) or (out / "model.pt").exists(), process, log, point)
+        wait_until(lambda point=point: TRAIN_KILLS[point](out) or (out / "model.pt").exists(), process, log, point)
         kill(process)
         survived += 1
         config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
@@ -277,7 +277,7 @@ def test_kalm_run_killed_at_several_stages_resumes_to_the_same_results(tmp_path,
                 os.kill(process.pid, signal.SIGCONT)
             assert second.returncode == 2 and f"in use by pid {process.pid}" in second.stderr, second.stderr
             assert len([line for line in second.stderr.splitlines() if line.startswith("error:")]) == 1
-        wait_until(lambda: reached(out) or (out / "report.md").exists(), process, log, point)
+        wait_until(lambda reached=reached: reached(out) or (out / "report.md").exists(), process, log, point)
         kill(process)
         if (out / "report.md").exists():  # it finished before the kill landed
             break
@@ -376,7 +376,8 @@ def _ground_with_kills(tmp_path: Path, data: Path, llm: Path, reference: Path, k
     for i, point in enumerate(kill_points):
         offset = log.stat().st_size if log.exists() else 0
         process = kalm_process(*_ground_args(data, llm, out, resume=i > 0), log=log)
-        wait_until(lambda: GROUND_KILLS[point](out, _logged_since(log, offset)) or (out / "metrics.json").exists(),
+        wait_until(lambda point=point, offset=offset: GROUND_KILLS[point](out, _logged_since(log, offset))
+                   or (out / "metrics.json").exists(),
                    process, log, point)
         kill(process)
         if (out / "metrics.json").exists():  # the kill landed after the run finished

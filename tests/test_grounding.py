@@ -145,7 +145,7 @@ def test_load_refuses_other_env_and_bad_dirs(tiny_backbone, tmp_path):
     spec = get_spec("clevr")
     GroundedLM.load(tmp_path / "ckpt", spec=spec)  # same shapes: accepted
     other = replace(spec, name="other", state_dim=39)
-    with pytest.raises(GroundingCheckpointError, match="state_dim 10.*state_dim 39"):
+    with pytest.raises(GroundingCheckpointError, match=r"state_dim 10.*state_dim 39"):
         GroundedLM.load(tmp_path / "ckpt", spec=other)
     with pytest.raises(GroundingCheckpointError, match=str(tmp_path / "nothing")):
         GroundedLM.load(tmp_path / "nothing")

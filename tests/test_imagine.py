@@ -46,7 +46,7 @@ def test_cached_generation_matches_recomputation(tiny_model, batch_size):
     instructions = ["Push the red ball to the left of the blue ball", "Move the cyan ball behind the green ball",
                     "Is the purple ball in front of the red ball"]
     starts = _starts(3)
-    base = dict(max_steps=8, batch_size=batch_size, stop_on_done=False)
+    base = {"max_steps": 8, "batch_size": batch_size, "stop_on_done": False}
     cached = generate_rollouts(tiny_model, instructions, starts, GenerationConfig(use_cache=True, **base))
     full = generate_rollouts(tiny_model, instructions, starts, GenerationConfig(use_cache=False, **base))
     for a, b in zip(cached, full):
@@ -382,7 +382,7 @@ def test_robust_share_is_high_deep_in_the_goal_and_low_on_its_border():
     start = _two_balls([0.4, 0.2], blue)
     angle = np.radians(180 - 44.5)  # 0.5 degrees inside the 45-degree sector, near the 0.39 distance limit
     border = _two_balls(blue + 0.37 * np.array([np.cos(angle), np.sin(angle)]), blue)
-    deep = _two_balls(blue + [-0.3, 0.0], blue)
+    deep = _two_balls(blue + np.array([-0.3, 0.0]), blue)
     assert task.success(border, start) and task.success(deep, start)
     assert robust_success_share(task, np.stack([start, deep]), scale, 0.7, rng) > 0.9
     assert robust_success_share(task, np.stack([start, border]), scale, 0.7, rng) < 0.4
@@ -403,7 +403,7 @@ def test_imagine_drops_fragile_successes_and_counts_them(tiny_model, monkeypatch
     start = _two_balls([0.4, 0.2], blue)
     angle = np.radians(180 - 44.5)
     finals = [_two_balls(blue + 0.37 * np.array([np.cos(angle), np.sin(angle)]), blue),
-              _two_balls(blue + [-0.3, 0.0], blue)]
+              _two_balls(blue + np.array([-0.3, 0.0]), blue)]
     text = "Put the red ball left of the blue ball"
     monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)] * 2, np.stack([start] * 2)))
     monkeypatch.setattr(rollouts, "generate_rollouts", lambda *a, **k: [

@@ -17,13 +17,13 @@ if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     os.environ["MUJOCO_GL"] = "egl"
 pytest.importorskip("metaworld")
 
-from kalm.data.collect import CollectConfig, collect_to_file  # noqa: E402
-from kalm.data.episodes import load_episodes  # noqa: E402
-from kalm.envs import get_spec  # noqa: E402
-from kalm.envs.metaworld import language  # noqa: E402
-from kalm.envs.metaworld.env import MetaWorldEnv  # noqa: E402
-from kalm.envs.metaworld.plausibility import transition_violations  # noqa: E402
-from kalm.envs.metaworld.tasks import (  # noqa: E402
+from kalm.data.collect import CollectConfig, collect_to_file
+from kalm.data.episodes import load_episodes
+from kalm.envs import get_spec
+from kalm.envs.metaworld import language
+from kalm.envs.metaworld.env import MetaWorldEnv
+from kalm.envs.metaworld.plausibility import transition_violations
+from kalm.envs.metaworld.tasks import (
     PEG_HEAD_OFFSET,
     SKILLS,
     Relocated,
@@ -36,7 +36,7 @@ from kalm.envs.metaworld.tasks import (  # noqa: E402
     skill_distance,
     training_tasks,
 )
-from kalm.envs.spec import TaskSpecError  # noqa: E402
+from kalm.envs.spec import TaskSpecError
 
 # Predicates computed exactly as the package does, from the same observation.
 EXACT = tuple(s for s in SKILLS if s not in ("reach", "peg-insert-side"))
@@ -322,7 +322,7 @@ def test_tiny_pipeline_runs_on_metaworld_with_continuous_actions(tiny_backbone, 
     text = report.read_text()
     for level in ("seen", "rephrase", "easy", "hard"):
         assert f"| {level} |" in text
-    imagined = [p for p in (tmp_path / "stages").glob("imagine-*/imagined.h5")]
+    imagined = list((tmp_path / "stages").glob("imagine-*/imagined.h5"))
     assert imagined
     episode = load_episodes(imagined[0], get_spec("metaworld")).episodes[0]
     assert episode.actions.ndim == 2 and episode.actions.shape[1] == 4 and episode.observations.shape[1] == 39

@@ -126,11 +126,11 @@ def _check_adopting_a_grounded_model(config, grounded, out):
     assert summary["steps"] == json.loads((grounded / "metrics.json").read_text())["steps"]
     assert _ground(StageCache(out), spec, adopted, real=None).cached
 
-    with pytest.raises(ValueError, match="grounded_model.*not a grounded model directory"):
+    with pytest.raises(ValueError, match=r"grounded_model.*not a grounded model directory"):
         check_config(replace(config, grounded_model=str(out / "missing")))
     meta = json.loads((grounded / "model" / "grounding_config.json").read_text())
     foreign = out / "foreign"
     foreign.mkdir()
     (foreign / "grounding_config.json").write_text(json.dumps({**meta, "state_dim": 39}))
-    with pytest.raises(ValueError, match="grounded_model.*state_dim 39"):
+    with pytest.raises(ValueError, match=r"grounded_model.*state_dim 39"):
         check_config(replace(config, grounded_model=str(foreign)))

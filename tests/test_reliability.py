@@ -274,7 +274,7 @@ def test_damaged_bytes_never_escape_as_a_traceback(tmp_path_factory, good_data, 
     raw = raw[: max(1, int(cut * len(raw)))] if cut < 1 else raw
     path = tmp_path_factory.mktemp("dmg") / "d.h5"
     path.write_bytes(bytes(raw))
-    code, out, err = kalm("data", "inspect", path)
+    code, _out, err = kalm("data", "inspect", path)
     assert "Traceback" not in err
     if code != 0:
         errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -287,7 +287,7 @@ def _evaluate(policy_dir: Path, tmp_path: Path, **kw) -> tuple:
 
 
 def test_a_valid_policy_evaluates(policy, tmp_path):
-    code, out, err = kalm(*_evaluate(policy, tmp_path))
+    code, _out, err = kalm(*_evaluate(policy, tmp_path))
     assert code == 0, err
     assert (tmp_path / "e.json").exists()
 
@@ -596,7 +596,7 @@ def unsafe_calls(source: str, filename: str = "<source>") -> list[str]:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names]
             module = getattr(node, "module", None) or ""
-            if {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"} & set(names + [module]):
+            if {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"} & {*names, module}:
                 problems.append(f"{filename}:{node.lineno}: imports a pickle-like module")
             continue
         if not isinstance(node, ast.Call):

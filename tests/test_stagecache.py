@@ -72,9 +72,8 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
     holder.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(RunLockedError, match="in use by pid"):
-            with RunLock(tmp_path):
-                pass
+        with pytest.raises(RunLockedError, match="in use by pid"), RunLock(tmp_path):
+            pass
     finally:
         release.set()
         holder.join()

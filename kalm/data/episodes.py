@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _STRING_DTYPE = h5py.string_dtype(encoding="utf-8")
 _PER_EPISODE = ("episode_lengths", "terminated", "truncated", "instructions", "tasks")
-_REQUIRED_ARRAYS = ("observations", "actions", "rewards") + _PER_EPISODE
+_REQUIRED_ARRAYS = ("observations", "actions", "rewards", *_PER_EPISODE)
 
 
 class DatasetError(ValueError):
@@ -370,7 +370,7 @@ def _refuse_constant(name: str) -> Any:
 def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
     if name not in f:
         expected = set(_REQUIRED_ARRAYS)
-        unexpected = sorted(k for k in f.keys() if k not in expected)
+        unexpected = sorted(k for k in f if k not in expected)
         hint = f" (found unexpected: {', '.join(map(repr, unexpected))})" if unexpected else ""
         raise DatasetError(f"{where}: missing array '{name}'{hint}")
     obj = f[name]
@@ -445,7 +445,8 @@ def _read_arrays(f: h5py.File, where: str, state_dim: int, check: ActionCheck) -
                 f"{where}: array 'actions' has shape {actions.shape}, expected (n_transitions, "
                 f"{', '.join(map(str, check.shape))})"
             )
-        outside = np.any((actions < check.low - 1e-6) | (actions > check.high + 1e-6), axis=tuple(range(1, actions.ndim)))
+        outside = np.any((actions < check.low - 1e-6) | (actions > check.high + 1e-6),
+                         axis=tuple(range(1, actions.ndim)))
         if np.any(outside):
             i = int(np.argmax(outside))
             raise DatasetError(f"{where}: array 'actions': action at step {i} is outside the action space bounds")

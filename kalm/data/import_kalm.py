@@ -64,7 +64,8 @@ def goal_to_task(goal: np.ndarray, where: str) -> Relation:
         raise DatasetError(f"{where}: role marks need exactly one object (1) and one anchor (2), got {marks.tolist()}")
     if direction not in range(len(GOAL_DIRECTIONS)):
         raise DatasetError(f"{where}: direction must be 0 behind, 1 left, 2 front or 3 right, got {direction}")
-    return Relation(COLOURS[int(np.argmax(marks == 1))], COLOURS[int(np.argmax(marks == 2))], GOAL_DIRECTIONS[direction])
+    obj, anchor = COLOURS[int(np.argmax(marks == 1))], COLOURS[int(np.argmax(marks == 2))]
+    return Relation(obj, anchor, GOAL_DIRECTIONS[direction])
 
 
 def _load_npz(src: Path) -> dict[str, np.ndarray]:
@@ -108,7 +109,8 @@ def import_kalm_clevr(src: str | Path, spec: EnvSpec, instruction_seed: int = 0)
         raise DatasetError(f"{src}: array 'observations' has shape {obs.shape}, expected (N, T, {spec.state_dim})")
     n, horizon = obs.shape[:2]
     if a["next_observations"].shape != obs.shape:
-        raise DatasetError(f"{src}: array 'next_observations' has shape {a['next_observations'].shape}, expected {obs.shape}")
+        raise DatasetError(f"{src}: array 'next_observations' has shape {a['next_observations'].shape}, "
+                           f"expected {obs.shape}")
     for name in ("observations", "next_observations", "rewards"):
         if not np.issubdtype(a[name].dtype, np.number) or not np.all(np.isfinite(a[name])):
             raise DatasetError(f"{src}: array '{name}' must hold finite numbers")

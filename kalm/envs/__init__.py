@@ -69,4 +69,4 @@ def available() -> list[str]:
     return sorted(_SPEC_FACTORIES)
 
 
-__all__ = ["EnvSpec", "Instruction", "Task", "TaskSpecError", "get_spec", "available"]
+__all__ = ["EnvSpec", "Instruction", "Task", "TaskSpecError", "available", "get_spec"]

@@ -97,7 +97,7 @@ def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode)
     obs = _reset_to_start(env, planned)
     act = policy.begin(env, planned.instruction, obs, np.random.default_rng(planned.reset_seeds[-1]))
     success, steps = False, 0
-    for steps in range(1, spec.max_episode_steps + 1):
+    for steps in range(1, spec.max_episode_steps + 1):  # noqa: B007 - the count is read after the loop
         obs, _, terminated, truncated, info = env.step(act(obs))
         if info["success"]:
             success = True

@@ -16,6 +16,7 @@ resumed run sees exactly the batches the killed one would have.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,10 +55,8 @@ def prepare_episodes(dataset, spec) -> list[GroundingEpisode]:
         obs = np.asarray(ep.observations, np.float32)
         train, val = (ep.instruction,), (ep.instruction,)
         if spec.grounding_phrasings is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 train, val = (tuple(p) for p in spec.grounding_phrasings(task))
-            except ValueError:
-                pass
         out.append(GroundingEpisode(
             observations=obs,
             actions=np.asarray(ep.actions),
@@ -78,7 +77,7 @@ def split_episodes(episodes: list, validation_fraction: float, seed: int) -> tup
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     order = np.random.default_rng(seed).permutation(len(episodes))
-    n_val = int(round(len(episodes) * validation_fraction))
+    n_val = round(len(episodes) * validation_fraction)
     if validation_fraction > 0 and len(episodes) > 1:
         n_val = max(n_val, 1)
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())

@@ -128,7 +128,8 @@ def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
         goal_chance.append(1.0 / len(distinct) if goal_key(ep.task) in distinct else 0.0)
     if not counts:
         return {}
-    return {"explanation_tasks_achieved": float(np.mean(counts)), "explanation_chance_among_achieved": float(np.mean(chance)),
+    return {"explanation_tasks_achieved": float(np.mean(counts)),
+            "explanation_chance_among_achieved": float(np.mean(chance)),
             "explanation_goals_achieved": float(np.mean(goals)),
             "explanation_equivalent_chance_among_achieved": float(np.mean(goal_chance))}
 

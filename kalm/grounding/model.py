@@ -247,7 +247,8 @@ class GroundedLM(nn.Module):
                                      config.action_dim, config.discrete)
         self.state_token_id = self.prompts.state_token_id
         self.action_token_id = self.prompts.action_token_id
-        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else tokenizer.eos_token_id)
         self.merged = False
         self.inference_dtype = torch.float32
         decoder = self.decoder
@@ -317,7 +318,7 @@ class GroundedLM(nn.Module):
     def embed_states(self, states: torch.Tensor) -> torch.Tensor:
         """``(B, state_dim)`` -> ``(B, 1, H)``: one state placeholder token per row."""
         ids = torch.full((states.shape[0], 1), self.state_token_id, device=states.device)
-        dummy = torch.zeros((states.shape[0], 1) + self._action_shape(), device=states.device)
+        dummy = torch.zeros((states.shape[0], 1, *self._action_shape()), device=states.device)
         return self.embed_sequence(ids, states[:, None], dummy)
 
     def embed_actions(self, actions: torch.Tensor) -> torch.Tensor:
@@ -449,7 +450,7 @@ class GroundedLM(nn.Module):
             _swap_into_place(staging, out)
         except OSError as exc:
             raise_naming(exc, out)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             # safetensors (peft's adapter) and the Rust tokenizers report a failed write
             # (disk full) with their own exception types; name the checkpoint instead
             raise OSError(f"cannot write {out}: {type(exc).__name__}: {exc}") from exc
@@ -471,7 +472,7 @@ class GroundedLM(nn.Module):
             return cls._load(path, spec, trainable, backbone)
         except (GroundingCheckpointError, OSError):
             raise
-        except Exception as exc:  # noqa: BLE001 - safetensors, tokenizers, peft and json raise their own classes
+        except Exception as exc:  # safetensors, tokenizers, peft and json raise their own classes
             raise GroundingCheckpointError(
                 f"{path}: damaged grounding checkpoint ({type(exc).__name__}: {exc})") from exc
 
@@ -512,9 +513,10 @@ class GroundedLM(nn.Module):
             raise GroundingCheckpointError(f"{io_path}: missing (the checkpoint has no trajectory I/O layers)")
         try:
             io_state = load_file(str(io_path))
-        except Exception as exc:  # noqa: BLE001 - SafetensorError is not an OSError
+        except Exception as exc:  # SafetensorError is not an OSError
             raise GroundingCheckpointError(f"{io_path}: not a readable safetensors file ({exc})") from exc
-        missing = [k for k in ("state_mean", "state_std", "delta_std", "action_mean", "action_std") if k not in io_state]
+        stat_names = ("state_mean", "state_std", "delta_std", "action_mean", "action_std")
+        missing = [k for k in stat_names if k not in io_state]
         if missing:
             raise GroundingCheckpointError(f"{io_path}: missing tensor {missing[0]!r}")
         stats = NormStats(**{k: io_state[k].numpy() for k in ("state_mean", "state_std", "delta_std",

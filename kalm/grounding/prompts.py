@@ -209,7 +209,8 @@ class PromptBuilder:
         pos = self._render(
             "generation",
             w,
-            {"instruction": lambda: w.text(" " + instruction.strip()), "trajectory": lambda: w.trajectory(observations, actions)},
+            {"instruction": lambda: w.text(" " + instruction.strip()),
+             "trajectory": lambda: w.trajectory(observations, actions)},
         )
         state_pos, action_pos = pos["trajectory"]
         ex = w.example("generation")
@@ -231,7 +232,8 @@ class PromptBuilder:
         """instruction + s_0 -> the final state, read at the sequence's last token."""
         w = _Writer(self)
         self._render(
-            "goal", w, {"instruction": lambda: w.text(" " + instruction.strip()), "state": lambda: w.state(initial_state)}
+            "goal", w,
+            {"instruction": lambda: w.text(" " + instruction.strip()), "state": lambda: w.state(initial_state)},
         )
         ex = w.example("goal")
         ex.state_targets[-1], ex.state_reference[-1], ex.state_mask[-1] = final_state, initial_state, True
@@ -270,7 +272,7 @@ def collate(examples: list[Example], pad_token_id: int, left_pad: bool = False) 
         rows = []
         for e in examples:
             value = getattr(e, name)
-            pad = np.full((length - len(e),) + value.shape[1:], fill, dtype=value.dtype)
+            pad = np.full((length - len(e), *value.shape[1:]), fill, dtype=value.dtype)
             rows.append(np.concatenate([pad, value] if left_pad else [value, pad]))
         batch[name] = torch.from_numpy(np.stack(rows))
     mask = np.zeros((len(examples), length), np.int64)

@@ -372,7 +372,8 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     objective, optimizer = accelerator.prepare(objective, optimizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"grounding {spec.name} on {len(train_eps)} episodes ({len(val_eps)} held out), "
-                      f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, steps {start_step}->{config.steps}")
+                      f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, "
+                      f"steps {start_step}->{config.steps}")
 
     weights = config.weights
     running: dict[str, float] = {}

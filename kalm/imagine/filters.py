@@ -70,7 +70,8 @@ def robust_success_share(task: Task, states: np.ndarray, step_scale: np.ndarray,
     per-step change, the unit grounding predicts in; ``T`` pushes, since a free-running
     model's error grows with every step it feeds back; ``steps`` overrides ``T`` where
     only the last pushes were imagined towards this predicate, as in a composed
-    rollout). A low share means the model's own error could undo the success. On the 300-step CPU-grounded CLEVR model (514
+    rollout). A low share means the model's own error could undo the success. On the
+    300-step CPU-grounded CLEVR model (514
     kept rephrase rollouts, 58 % real on replay), requiring half of the copies at
     ``noise`` 0.7 kept 327 rollouts, 76 % real; on easy 508 of 590, 89 % against 84 %
     real. In the pipeline (400-step model, BC, 3 x 300 episodes) it raised easy success

@@ -218,7 +218,7 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         "source": "imagined",
         "model": str(getattr(model.config, "backbone", "")),
         "precision": str(model.inference_dtype).removeprefix("torch."),
-        "config": {k: v for k, v in asdict(config).items()},
+        "config": asdict(config),
         "stats": summary,
     }
     dataset = EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata) if kept else None

@@ -10,8 +10,5 @@ import io
 # d3rlpy imports the unmaintained `gym` package, whose import prints a four-line
 # deprecation notice to stderr in every `kalm` command; kalm uses Gymnasium only, so
 # the notice is silenced here, once, before any module of this package imports d3rlpy.
-with contextlib.redirect_stderr(io.StringIO()):
-    try:
-        import gym  # noqa: F401
-    except ImportError:
-        pass
+with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(ImportError):
+    import gym  # noqa: F401

@@ -48,7 +48,8 @@ def build_algo_config(
         )
     common = {"batch_size": batch, "gamma": config.gamma, "observation_scaler": observation_scaler}
     if config.algo == "bc":
-        return d3rlpy.algos.BCConfig(batch_size=batch, learning_rate=lr, encoder_factory=encoder, observation_scaler=observation_scaler)
+        return d3rlpy.algos.BCConfig(batch_size=batch, learning_rate=lr, encoder_factory=encoder,
+                                     observation_scaler=observation_scaler)
     if config.algo == "cql":
         return d3rlpy.algos.CQLConfig(
             **common,

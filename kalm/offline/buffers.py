@@ -191,7 +191,7 @@ class MixedSampler:
             imaginary_ratio = 0.0
         self.real = real
         self.sources = sources
-        self.n_imaginary = int(round(imaginary_ratio * batch_size))
+        self.n_imaginary = round(imaginary_ratio * batch_size)
         self.n_real = batch_size - self.n_imaginary
 
     def sample(self, rng: np.random.Generator) -> d3rlpy.dataset.TransitionMiniBatch:

@@ -40,11 +40,11 @@ def create_algo(config_path: str | Path) -> d3rlpy.base.LearnableBase:
         raise FileNotFoundError(f"algorithm config not found: {path}")
     try:
         shaped = d3rlpy.base.LearnableConfigWithShape.deserialize(path.read_text(encoding="utf-8"))
-    except Exception as exc:  # d3rlpy/dataclasses_json raise assorted errors
+    except Exception as exc:  # noqa: BLE001 - d3rlpy/dataclasses_json raise assorted errors
         raise ValueError(f"{path} is not a d3rlpy algorithm config: {exc}") from None
     try:
         return shaped.create(device=CPU)
-    except Exception as exc:  # shapes or parameters d3rlpy cannot build networks from
+    except Exception as exc:  # noqa: BLE001 - shapes or parameters d3rlpy cannot build networks from
         raise ValueError(f"{path}: cannot build the algorithm it describes ({type(exc).__name__}: {exc})") from None
 
 
@@ -65,7 +65,7 @@ def load_weights(algo: d3rlpy.base.LearnableBase, path: str | Path) -> None:
         raise FileNotFoundError(f"model weights not found: {path}")
     try:
         states = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
         raise ValueError(f"{path} is not a weights-only model file: {exc}") from None
     if not isinstance(states, dict):
         raise ValueError(f"{path} is not a dict of module states (got {type(states).__name__})")

@@ -128,7 +128,8 @@ class TrainConfig:
         if key not in _DEFAULTS:
             kind = "discrete" if discrete else "continuous"
             available = sorted(a for a, d in _DEFAULTS if d == discrete)
-            raise ValueError(f"algorithm {self.algo!r} is not available for {kind} actions (use {', '.join(available)})")
+            raise ValueError(f"algorithm {self.algo!r} is not available for {kind} actions "
+                             f"(use {', '.join(available)})")
         batch, lr = _DEFAULTS[key]
         return dataclasses.replace(
             self,

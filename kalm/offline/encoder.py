@@ -91,7 +91,8 @@ class SentenceTransformerEncoder:
         self.batch_size = batch_size
         self.segments = segments
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
-        dimension = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dimension = (getattr(self._model, "get_embedding_dimension", None)
+                     or self._model.get_sentence_embedding_dimension)
         self.dim = int(dimension()) * segments
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -139,7 +140,8 @@ def load_encoder(name: str = DEFAULT_ENCODER) -> InstructionEncoder:
     """Build the encoder a config names: ``minilm`` or ``st:/path/to/model``."""
     key = name.split(":", 1)[0] if ":" in name else name
     if key not in _REGISTRY:
-        raise ValueError(f"unknown encoder {name!r} (known: {', '.join(sorted(_REGISTRY))}; use st:/path for a local model)")
+        raise ValueError(f"unknown encoder {name!r} (known: {', '.join(sorted(_REGISTRY))}; "
+                         "use st:/path for a local model)")
     return _REGISTRY[key](name)
 
 
@@ -170,7 +172,7 @@ class CachedEncoder:
 
             try:
                 self._file_entries = dict(load_file(str(self.cache_file)))
-            except Exception as exc:  # safetensors raises its own error types
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
                 raise ValueError(f"embedding cache {self.cache_file} is unreadable: {exc}") from None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kalm.data.files import read_json
 from kalm.offline.checkpoint import create_algo, load_weights
 from kalm.offline.encoder import CachedEncoder, shared_encoder
-from kalm.data.files import read_json
 from kalm.offline.train import ALGO_FILE, CONFIG_FILE, MODEL_FILE
 
 
@@ -40,7 +40,8 @@ class LanguagePolicy:
         impl = self.algo.impl
         if impl is not None:
             shape = tuple(int(d) for d in impl.observation_shape)
-            if shape != (int(self.config["observation_dim"]),) or int(impl.action_size) != int(self.config["action_size"]):
+            expected = (int(self.config["observation_dim"]),)
+            if shape != expected or int(impl.action_size) != int(self.config["action_size"]):
                 raise ValueError(
                     f"{self.policy_dir / ALGO_FILE}: network for observations {shape} and {impl.action_size} actions, "
                     f"but {CONFIG_FILE} says ({self.config['observation_dim']},) and {self.config['action_size']}"

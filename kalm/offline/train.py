@@ -19,6 +19,7 @@ creates ``d3rlpy_logs/`` by default).
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import io
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kalm.data.episodes import EpisodeDataset, load_episodes
+from kalm.data.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
 from kalm.offline.algos import build_algo_config
@@ -46,7 +48,6 @@ from kalm.offline.buffers import (
 from kalm.offline.checkpoint import CPU, load_weights, save_algo_config, save_weights
 from kalm.offline.config import TrainConfig
 from kalm.offline.encoder import shared_encoder
-from kalm.data.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 
 CONFIG_FILE = "config.json"
 ALGO_FILE = "algo.json"
@@ -106,7 +107,8 @@ def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
 def read_curve(path: str | Path) -> list[dict[str, float]]:
     """The loss curve of a policy directory (``step`` plus one column per loss)."""
     with open(path, encoding="utf-8", newline="") as f:
-        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v != ""}
+                for row in csv.DictReader(f)]
 
 
 def _run_description(config: TrainConfig, spec: EnvSpec, data: Sequence[Path], imaginary: Sequence[Path]) -> dict:
@@ -123,7 +125,7 @@ def _run_description(config: TrainConfig, spec: EnvSpec, data: Sequence[Path], i
 def train(
     data: str | Path | Sequence[str | Path],
     out: str | Path,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     imaginary: Sequence[str | Path] = (),
     resume: bool = False,
     embedding_cache: str | Path | None = None,
@@ -156,7 +158,7 @@ def train(
     real = _merge(real_sets)
     fake_sets = _load_all(imaginary_paths, spec)
     assert real is not None
-    config = config.for_action_space(spec.discrete)
+    config = (config or TrainConfig()).for_action_space(spec.discrete)
     description = _run_description(config, spec, data_paths, imaginary_paths)
 
     state = _prepare_out_dir(out, description, resume)
@@ -277,14 +279,15 @@ def _prepare_out_dir(out: Path, description: dict, resume: bool) -> dict | None:
     if not isinstance(stored, dict):
         raise ValueError(f"training config {out / CONFIG_FILE} is not a JSON object")
     if isinstance(stored.get("train"), dict):
-        try:  # a run written before a field existed has that field's default
+        # a run written before a field existed has that field's default; a config that
+        # cannot be read is reported as a difference below
+        with contextlib.suppress(TypeError, ValueError):
             stored["train"] = TrainConfig.from_json(stored["train"]).to_json()
-        except (TypeError, ValueError):
-            pass  # reported as a difference below
     for key in ("train", "env", "data", "imaginary"):
         if stored.get(key) != description[key]:
             raise ValueError(
-                f"cannot resume {out}: its {key!r} differs from this run's ({stored.get(key)!r} vs {description[key]!r})"
+                f"cannot resume {out}: its {key!r} differs from this run's "
+                f"({stored.get(key)!r} vs {description[key]!r})"
             )
     state_path = out / CHECKPOINT_DIR / STATE_FILE
     if not state_path.exists():
@@ -294,7 +297,8 @@ def _prepare_out_dir(out: Path, description: dict, resume: bool) -> dict | None:
     if problem:
         raise ValueError(f"checkpoint state {state_path}: {problem}")
     if state["step"] > description["train"]["steps"]:
-        raise ValueError(f"cannot resume {out}: its checkpoint is at step {state['step']}, past the {description['train']['steps']} steps asked for")
+        raise ValueError(f"cannot resume {out}: its checkpoint is at step {state['step']}, "
+                         f"past the {description['train']['steps']} steps asked for")
     return state
 
 

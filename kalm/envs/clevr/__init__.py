@@ -56,4 +56,4 @@ def make_spec():
     )
 
 
-__all__ = ["CLEVRRobotEnv", "GYM_ID", "make_env", "make_spec", "language", "tasks"]
+__all__ = ["GYM_ID", "CLEVRRobotEnv", "language", "make_env", "make_spec", "tasks"]

@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 # Without a display GLFW cannot open a context; EGL renders offscreen on most Linux
 # machines (software or GPU). Set before mujoco is imported; a user's choice wins.
 if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     os.environ["MUJOCO_GL"] = "egl"
 
-import gymnasium as gym  # noqa: E402
-import mujoco  # noqa: E402
+import gymnasium as gym
+import mujoco
 import numpy as np
 
-from kalm.envs.clevr.render import render_top_down  # noqa: E402
-from kalm.envs.clevr.tasks import COLOURS, parse_task, start_admits, task_horizon  # noqa: E402
-from kalm.envs.spec import Task, TaskSpecError  # noqa: E402
+from kalm.envs.clevr.render import render_top_down
+from kalm.envs.clevr.tasks import COLOURS, parse_task, start_admits, task_horizon
+from kalm.envs.spec import Task, TaskSpecError
 
 N_BALLS = len(COLOURS)
 STATE_DIM = 2 * N_BALLS
@@ -85,7 +85,8 @@ def _scene_xml() -> str:
   </default>
   <visual><global offwidth="640" offheight="640"/></visual>
   <asset>
-    <texture name="grid" type="2d" builtin="checker" rgb1="0.82 0.82 0.8" rgb2="0.76 0.76 0.74" width="256" height="256"/>
+    <texture name="grid" type="2d" builtin="checker" rgb1="0.82 0.82 0.8" rgb2="0.76 0.76 0.74"
+             width="256" height="256"/>
     <material name="table" texture="grid" texrepeat="4 4"/>
   </asset>
   <worldbody>
@@ -121,7 +122,7 @@ class CLEVRRobotEnv(gym.Env):
     carries ``success``. Without a task the reward is always 0.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 4}
 
     def __init__(self, render_mode: str | None = None, render_size: int = 256, renderer: str = "auto"):
         if render_mode not in (None, "rgb_array"):

@@ -61,4 +61,4 @@ def make_spec():
     )
 
 
-__all__ = ["MetaWorldEnv", "GYM_ID", "make_env", "make_spec", "language", "tasks"]
+__all__ = ["GYM_ID", "MetaWorldEnv", "language", "make_env", "make_spec", "tasks"]

@@ -27,15 +27,15 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     os.environ["MUJOCO_GL"] = "egl"
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
+import gymnasium as gym
+import numpy as np
 
-try:  # noqa: E402
+try:
     import metaworld  # noqa: F401
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -43,8 +43,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Meta-World environment needs the 'metaworld' package: pip install 'kalm[metaworld]'"
     ) from exc
 
-from kalm.envs.metaworld.render import render_schematic  # noqa: E402
-from kalm.envs.metaworld.tasks import (  # noqa: E402
+from kalm.envs.metaworld.render import render_schematic
+from kalm.envs.metaworld.tasks import (
     REGIONS,
     RELOCATABLE,
     SKILLS,
@@ -55,7 +55,7 @@ from kalm.envs.metaworld.tasks import (  # noqa: E402
     skill_of,
     task_horizon,
 )
-from kalm.envs.spec import Task, TaskSpecError  # noqa: E402
+from kalm.envs.spec import Task, TaskSpecError
 
 STATE_DIM = 39
 ACTION_DIM = 4
@@ -94,7 +94,7 @@ def build_package_env(skill: str):
 class MetaWorldEnv(gym.Env):
     """MT10 skills, relocated goals and skill-then-home sequences (see the module docs)."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, render_mode: str | None = None, render_size: int = 256, camera: str = "corner"):
         if render_mode not in (None, "rgb_array"):
@@ -219,7 +219,7 @@ class MetaWorldEnv(gym.Env):
         try:
             if key not in self._renderers:
                 self._renderers[key] = mujoco.Renderer(self.sim.model, self.render_size, self.render_size)
-        except Exception as exc:  # no OpenGL platform in this process
+        except Exception as exc:  # noqa: BLE001 - no OpenGL platform in this process
             warnings.warn(f"MuJoCo offscreen rendering unavailable ({exc}); drawing schematic frames", stacklevel=2)
             self._gl_failed = True
             return render_schematic(self._last_obs, self.render_size)

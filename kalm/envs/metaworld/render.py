@@ -54,7 +54,8 @@ def render_schematic(state: np.ndarray, size: int = 256, caption: str | None = N
                 draw.rectangle((px - r, py - r, px + r, py + r), fill=(240, 140, 20))
             else:
                 ring = 1 + int(3 * float(np.clip(opening, 0, 1))) if np.isfinite(opening) else 1
-                draw.ellipse((px - r - ring, py - r - ring, px + r + ring, py + r + ring), outline=(60, 60, 60), width=ring)
+                outer = r + ring
+                draw.ellipse((px - outer, py - outer, px + outer, py + outer), outline=(60, 60, 60), width=ring)
                 draw.ellipse((px - r, py - r, px + r, py + r), fill=(110, 110, 110))
 
     if s.size >= 39:
