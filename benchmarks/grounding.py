@@ -48,13 +48,13 @@ def _peak_rss_mb() -> float:
 def measure_one(data: Path, llm: str, finetune: str, short: int, long: int, threads: int, precision: str = "fp32",
                 attention: str = "auto") -> dict:
     """Train ``short`` then ``long`` steps; tokens/s over the difference."""
-    import torch
 
     from kalm.data.episodes import load_episodes
     from kalm.envs import get_spec
-    from kalm.grounding.train import GroundingConfig, train_grounding
+    from kalm.grounding.finetune import GroundingConfig, train_grounding
+    from kalm.threads import set_torch_threads
 
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
     spec = get_spec("clevr")
     dataset = load_episodes(data, spec)
     base = GroundingConfig(finetune=finetune, validation_fraction=0.0, checkpoint_every=0, num_threads=threads,

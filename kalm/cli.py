@@ -128,7 +128,7 @@ def ground(
 
         from kalm.data.episodes import load_episodes
         from kalm.envs import get_spec
-        from kalm.grounding.train import GroundingConfig, train_grounding
+        from kalm.grounding.finetune import GroundingConfig, train_grounding
 
         spec = get_spec(env)
         if preset:
@@ -185,8 +185,8 @@ def imagine(
         import json
 
         from kalm.data.episodes import save_episodes
-        from kalm.data.files import write_json_atomic
         from kalm.envs import get_spec
+        from kalm.files import write_json_atomic
         from kalm.grounding.model import GroundedLM
         from kalm.imagine.rollouts import ImagineConfig
         from kalm.imagine.rollouts import imagine as run_imagine
@@ -281,7 +281,7 @@ def evaluate_cmd(
         )
     except (ValueError, OSError) as exc:
         _fail(exc)
-    from kalm.evaluation.report import markdown_table
+    from kalm.evaluation.tables import markdown_table
 
     typer.echo(markdown_table([report]), nl=False)
     typer.echo(f"wrote {written}")

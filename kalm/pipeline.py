@@ -27,21 +27,21 @@ import numpy as np
 
 from kalm.data.collect import CollectConfig, collect_to_file
 from kalm.data.episodes import load_episodes, save_episodes
-from kalm.data.files import read_json
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
 from kalm.evaluation.evaluate import evaluate, resolve_levels
 from kalm.evaluation.imagined import replay_imagined
 from kalm.evaluation.policies import TrainedPolicy
 from kalm.evaluation.stats import paired_difference, wilson_interval
-from kalm.grounding.train import GroundingConfig
+from kalm.files import read_curve, read_json
+from kalm.grounding.finetune import GroundingConfig
 from kalm.imagine.generate import GenerationConfig
 from kalm.imagine.rollouts import ImagineConfig
 from kalm.offline.config import TrainConfig
-from kalm.offline.train import read_curve, train
+from kalm.offline.train import train
 from kalm.report import LevelResult, ReportInputs, Showcase, write_report
 from kalm.stagecache import RunLock, StageCache, directory_digest
-from kalm.threads import free_cores
+from kalm.threads import free_cores, set_torch_threads
 
 NOVEL_LEVELS = ("rephrase", "easy", "hard")
 # Settings that change how fast a stage runs, not what it produces: not part of its key.
@@ -265,7 +265,7 @@ def _collect(cache: StageCache, spec: EnvSpec, config: PipelineConfig):
 def _ground(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real):
     if config.grounded_model:
         return _adopt_grounded(cache, spec, Path(config.grounded_model))
-    from kalm.grounding.train import train_grounding
+    from kalm.grounding.finetune import train_grounding
 
     def build(work: Path):
         dataset = load_episodes(real.path / "real.h5", spec)
@@ -322,10 +322,7 @@ def _model(grounded, spec: EnvSpec, model_cache: dict, precision: str):
     ``precision`` whichever stage loads it first), with torch threads set for the stage
     about to use it: the grounding stage sets them only when it runs, not when it is
     read from the cache."""
-    import torch
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(free_cores())
+    set_torch_threads()
     if "model" not in model_cache:
         from kalm.grounding.model import GroundedLM
 

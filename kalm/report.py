@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kalm.data.files import write_atomic, write_text_atomic
 from kalm.envs.spec import EnvSpec
+from kalm.files import write_atomic, write_text_atomic
 
 LEVELS = ("seen", "rephrase", "easy", "hard")
 

@@ -1,4 +1,4 @@
-"""How many torch threads to use on a CPU that other work may share.
+"""How many torch threads to use on a CPU that other work may share, set in one place.
 
 On a shared CPU, torch threads that outnumber the idle cores spin against each other
 (measured: grounding steps 10x slower with 2 threads beside one busy process;
@@ -50,3 +50,21 @@ def _busy_cores(window_s: float) -> float | None:
         return None
     cores = os.cpu_count() or 1
     return (1.0 - idle / total) * cores
+
+
+def set_torch_threads(count: int | None = None) -> int:
+    """Set torch's CPU threads for the work about to start; returns the count set.
+
+    ``count`` when given, else the idle cores (:func:`free_cores`). Every stage that runs
+    torch on the CPU comes through here, so the choice is made in one place. Without an
+    explicit count a CUDA machine is left alone: its CPU threads only feed the GPU.
+    """
+    import torch
+
+    if count is None and torch.cuda.is_available():
+        return torch.get_num_threads()
+    if count is not None and count < 1:
+        raise ValueError(f"torch threads must be at least 1, got {count}")
+    chosen = count or free_cores()
+    torch.set_num_threads(chosen)
+    return chosen

@@ -13,8 +13,8 @@ from kalm.envs import get_spec
 from kalm.envs.task_file import write_task_line
 from kalm.evaluation.evaluate import evaluate, plan_episodes, resolve_levels
 from kalm.evaluation.policies import ExpertPolicy, RandomPolicy
-from kalm.evaluation.report import write_report
 from kalm.evaluation.stats import paired_difference, wilson_interval
+from kalm.evaluation.tables import write_results
 
 SPEC = get_spec("clevr")
 
@@ -81,7 +81,7 @@ def test_wilson_interval_matches_a_known_value():
 
 def test_report_writes_json_and_markdown(tmp_path):
     report = evaluate(RandomPolicy(SPEC), SPEC, resolve_levels(SPEC, "easy", 0), episodes=4, seed=0, progress=False)
-    json_path, md_path = write_report(report, tmp_path / "r.json")
+    json_path, md_path = write_results(report, tmp_path / "r.json")
     assert json.loads(json_path.read_text())["levels"]["easy"]["episodes"] == 4
     assert "| random | easy | all | 4 |" in md_path.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]

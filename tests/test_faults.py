@@ -28,8 +28,9 @@ import torch
 from kalm.data.collect import CollectConfig, collect_to_file, partial_dir
 from kalm.data.episodes import load_episodes
 from kalm.envs import get_spec
+from kalm.files import read_curve
 from kalm.offline.config import TrainConfig
-from kalm.offline.train import read_curve, train
+from kalm.offline.train import train
 
 SPEC = get_spec("clevr")
 COLLECT = CollectConfig(episodes=24, seed=5, epsilon=0.1, chunk_size=8)
@@ -325,7 +326,7 @@ def _ground_args(data: Path, llm: Path, out: Path, resume: bool) -> tuple:
 
 def _ground_checkpoint(out: Path) -> int:
     """The step of the newest finished checkpoint (0: none)."""
-    from kalm.grounding.train import latest_checkpoint
+    from kalm.grounding.finetune import latest_checkpoint
 
     found = latest_checkpoint(out)
     return int(found.name.split("-")[1]) if found is not None else 0

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kalm.grounding.backbone import BackboneError, load_backbone
+from kalm.grounding.finetune import GroundingConfig, GroundingObjective, latest_checkpoint, train_grounding
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, GroundingCheckpointError, NormStats
 from kalm.grounding.prompts import TASKS, collate
-from kalm.grounding.train import GroundingConfig, GroundingObjective, latest_checkpoint, train_grounding
 
 STATE_DIM, N_ACTIONS = 10, 40
 
@@ -235,7 +235,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_backbone, tmp_path):
 def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkeypatch):
     """The exact task, another relation the push made true, and one already true at
     the start: only the first is accurate, the first two are achieved."""
-    import kalm.grounding.evaluate as evaluate
+    import kalm.grounding.metrics as evaluate
     from kalm.envs import get_spec
     from kalm.envs.clevr.tasks import Relation
     from kalm.grounding.data import ExampleSampler, GroundingEpisode
@@ -286,7 +286,7 @@ def test_training_attention_switches_kernel_for_training_only_and_keeps_the_math
     """On CPU the training loop runs eager attention (faster backward there) and hands
     the backbone back its own kernel; both kernels compute the same hidden states on a
     left-padded batch, so the choice cannot change what grounding learns."""
-    from kalm.grounding.train import _training_attention
+    from kalm.grounding.finetune import _training_attention
 
     model = _model(tiny_backbone).eval()
     base = model.llm.get_base_model()

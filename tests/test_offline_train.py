@@ -13,9 +13,10 @@ from kalm.data.episodes import EpisodeDataset, save_episodes
 from kalm.envs import get_spec
 from kalm.evaluation.evaluate import evaluate
 from kalm.evaluation.policies import RandomPolicy, TrainedPolicy
+from kalm.files import read_curve
 from kalm.offline.config import TrainConfig
 from kalm.offline.policy import LanguagePolicy
-from kalm.offline.train import read_curve, train
+from kalm.offline.train import train
 
 SPEC = get_spec("clevr")
 

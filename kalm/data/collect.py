@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, save_episodes
-from kalm.data.files import make_dirs, raise_naming
 from kalm.envs.spec import EnvSpec
+from kalm.files import make_dirs, raise_naming
 
 
 @dataclass(frozen=True)

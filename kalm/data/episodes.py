@@ -37,9 +37,9 @@ import gymnasium as gym
 import h5py
 import numpy as np
 
-from kalm.data.files import write_atomic
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec, TaskSpecError
+from kalm.files import write_atomic
 
 FORMAT_NAME = "kalm-episodes"
 FORMAT_VERSION = 1
@@ -187,7 +187,7 @@ class EpisodeDataset:
 
 # ----------------------------------------------------------------------------- writing
 def save_episodes(dataset: EpisodeDataset, path: str | os.PathLike) -> Path:
-    """Write ``dataset`` to ``path`` atomically (:func:`kalm.data.files.write_atomic`)
+    """Write ``dataset`` to ``path`` atomically (:func:`kalm.files.write_atomic`)
     and return the path: a crash at any point leaves either the old file or nothing at
     ``path``, never a half-written one that might load."""
     if not isinstance(dataset, EpisodeDataset):

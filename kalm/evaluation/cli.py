@@ -9,7 +9,7 @@ from kalm.envs import get_spec
 from kalm.envs.task_file import read_task_file
 from kalm.evaluation.evaluate import evaluate, resolve_levels
 from kalm.evaluation.policies import EvalPolicy, ExpertPolicy, RandomPolicy, TrainedPolicy
-from kalm.evaluation.report import write_report
+from kalm.evaluation.tables import write_results
 
 BASELINES = ("random", "expert")
 
@@ -49,9 +49,9 @@ def run_evaluation(
     embedding_cache: Path | None = None,
     epsilon: float = 0.0,
 ) -> tuple[dict[str, Any], Path]:
-    import torch
+    from kalm.threads import set_torch_threads
 
-    torch.set_num_threads(1)  # tiny networks; see kalm.offline.train
+    set_torch_threads(1)  # tiny networks; see kalm.offline.train
     policy, env_name = make_policy(policy_dir, baseline, env, embedding_cache, epsilon)
     spec = get_spec(env_name)
     if tasks is not None:
@@ -66,5 +66,5 @@ def run_evaluation(
         suffix = "" if epsilon == 0 else f"-eps{epsilon:g}"
         name = f"{tasks.stem if tasks is not None else level}-seed{seed}{suffix}.json"
         out = (policy_dir / "evaluation" / name) if policy_dir is not None else Path("runs/eval") / f"{baseline}-{name}"
-    json_path, _ = write_report(report, out)
+    json_path, _ = write_results(report, out)
     return report, json_path

@@ -5,15 +5,15 @@
   placeholders, encoders and heads; save/load.
 - :mod:`~kalm.grounding.prompts`: the four grounding tasks and the token layout
   ``s_0 a_0 s_1 ...`` (``a_t`` read at ``s_t``, ``s_{t+1}`` read at ``a_t``).
-- :mod:`~kalm.grounding.train`: mixed-task fine-tuning (LoRA or full) with accelerate,
-  checkpoints and resume; :mod:`~kalm.grounding.evaluate`: held-out metrics.
+- :mod:`~kalm.grounding.finetune`: mixed-task fine-tuning (LoRA or full) with accelerate,
+  checkpoints and resume; :mod:`~kalm.grounding.metrics`: held-out metrics.
 
 This package reads episodes and env specs only; it never steps a simulator.
 """
 
 from kalm.grounding.backbone import BackboneError, load_backbone
+from kalm.grounding.finetune import GroundingConfig, train_grounding
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, GroundingCheckpointError, NormStats
-from kalm.grounding.train import GroundingConfig, train_grounding
 
 __all__ = [
     "BackboneError",

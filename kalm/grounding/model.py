@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kalm.data.files import raise_naming
+from kalm.files import raise_naming
 from kalm.grounding.backbone import load_backbone
 from kalm.grounding.prompts import PromptBuilder, collate
 

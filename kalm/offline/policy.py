@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kalm.data.files import read_json
-from kalm.offline.checkpoint import create_algo, load_weights
+from kalm.files import read_json
 from kalm.offline.encoder import CachedEncoder, shared_encoder
-from kalm.offline.train import ALGO_FILE, CONFIG_FILE, MODEL_FILE
+from kalm.offline.policy_files import ALGO_FILE, CONFIG_FILE, MODEL_FILE, create_algo, load_weights
 
 
 class LanguagePolicy:

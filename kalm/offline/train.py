@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv
 import dataclasses
-import io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kalm.data.episodes import EpisodeDataset, load_episodes
-from kalm.data.files import make_dirs, read_json, write_json_atomic, write_text_atomic
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
+from kalm.files import make_dirs, read_curve, read_json, write_curve, write_json_atomic
 from kalm.offline.algos import build_algo_config
 from kalm.offline.buffers import (
     MixedSampler,
@@ -45,16 +43,21 @@ from kalm.offline.buffers import (
     relabel_rewards,
     stored_rewards,
 )
-from kalm.offline.checkpoint import CPU, load_weights, save_algo_config, save_weights
 from kalm.offline.config import TrainConfig
 from kalm.offline.encoder import shared_encoder
-
-CONFIG_FILE = "config.json"
-ALGO_FILE = "algo.json"
-MODEL_FILE = "model.pt"
-CURVE_FILE = "curve.csv"
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
+from kalm.offline.policy_files import (
+    ALGO_FILE,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CPU,
+    CURVE_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    load_weights,
+    save_algo_config,
+    save_weights,
+)
+from kalm.threads import set_torch_threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,22 +98,6 @@ def _torch_rng_from_json(text: str) -> None:
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy()))
 
 
-def _write_curve(path: Path, rows: list[dict[str, float]]) -> None:
-    keys = sorted({k for row in rows for k in row if k != "step"})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["step", *keys], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
-
-
-def read_curve(path: str | Path) -> list[dict[str, float]]:
-    """The loss curve of a policy directory (``step`` plus one column per loss)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v != ""}
-                for row in csv.DictReader(f)]
-
-
 def _run_description(config: TrainConfig, spec: EnvSpec, data: Sequence[Path], imaginary: Sequence[Path]) -> dict:
     return {
         "train": config.to_json(),
@@ -147,7 +134,7 @@ def train(
     finishing the run, for time-sliced jobs; ``--resume`` carries on from there.
     """
     if threads is not None:
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
     out = Path(out)
     data_paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
     imaginary_paths = [Path(p) for p in imaginary]
@@ -247,7 +234,7 @@ def _save_checkpoint(
     # before the state file is replaced leaves the previous state next to its own
     # weights (one shared model.pt would then hold a later step than the state says).
     model_name = f"model-{step:09d}.pt"
-    _write_curve(out / CURVE_FILE, curve)
+    write_curve(out / CURVE_FILE, curve)
     save_weights(algo, out / CHECKPOINT_DIR / model_name)
     write_json_atomic(
         out / CHECKPOINT_DIR / STATE_FILE,

@@ -51,13 +51,13 @@ from pathlib import Path
 
 import torch
 
-from kalm.data.files import write_atomic, write_json_atomic
+from kalm.files import write_atomic, write_json_atomic
 from kalm.grounding.backbone import resolve_backbone
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
-from kalm.grounding.evaluate import dynamics_mse, explanation_accuracy, generation_success
+from kalm.grounding.metrics import dynamics_mse, explanation_accuracy, generation_success
 from kalm.grounding.model import DEFAULT_LORA_TARGETS, GroundedLM, GroundedLMConfig, NormStats, native_bf16
 from kalm.grounding.prompts import IGNORE_INDEX, TASKS, collate
-from kalm.threads import free_cores
+from kalm.threads import set_torch_threads
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -318,8 +318,7 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
     out = Path(out)
     if llm is None:
         resolve_backbone(backbone)  # a bad --llm is named before anything else starts
-    if not torch.cuda.is_available():
-        torch.set_num_threads(config.num_threads or free_cores())
+    set_torch_threads(config.num_threads or None)
     precision = _precision(config)
     accelerator = _accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
@@ -445,7 +444,7 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
 
 
 def evaluate_grounding(model: GroundedLM, spec, val_eps, config: GroundingConfig) -> dict:
-    """Held-out metrics (see :mod:`kalm.grounding.evaluate`)."""
+    """Held-out metrics (see :mod:`kalm.grounding.metrics`)."""
     model.eval()
     with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                         enabled=_precision(config) == "bf16"):

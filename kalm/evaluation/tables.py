@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kalm.data.files import write_json_atomic, write_text_atomic
+from kalm.files import write_json_atomic, write_text_atomic
 
 
 def _pct(x: float) -> str:
@@ -34,7 +34,7 @@ def markdown_table(reports: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+def write_results(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """Write ``out`` (JSON) and the same name with ``.md``, each atomically."""
     out = Path(out)
     if out.suffix != ".json":

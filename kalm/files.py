@@ -3,6 +3,7 @@ previous version in place (checkpoints, policies and reports are all rewritten).
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -121,3 +122,20 @@ def read_json(path: str | Path, what: str) -> Any:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def write_curve(path: str | Path, rows: list[dict[str, float]]) -> None:
+    """A loss curve as CSV: ``step`` plus one column per loss (blank where a row lacks it)."""
+    keys = sorted({k for row in rows for k in row if k != "step"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["step", *keys], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_curve(path: str | Path) -> list[dict[str, float]]:
+    """The loss curve of a policy directory (``step`` plus one column per loss)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v != ""}
+                for row in csv.DictReader(f)]

@@ -18,9 +18,17 @@ from pathlib import Path
 import d3rlpy
 import torch
 
-from kalm.data.files import write_atomic, write_text_atomic
+from kalm.files import write_atomic, write_text_atomic
 
 CPU = "cpu:0"
+
+# What a policy directory written by :func:`kalm.offline.train.train` holds.
+CONFIG_FILE = "config.json"  # TrainConfig, env, encoder, data files, steps done
+ALGO_FILE = "algo.json"  # the d3rlpy algorithm config
+MODEL_FILE = "model.pt"  # the final network state dicts
+CURVE_FILE = "curve.csv"  # training losses per step
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"  # inside CHECKPOINT_DIR, written last
 
 
 def save_algo_config(algo: d3rlpy.base.LearnableBase, path: str | Path) -> Path:
