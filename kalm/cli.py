@@ -274,11 +274,12 @@ def evaluate_cmd(
 ) -> None:
     """Success rates with 95% Wilson intervals in the real simulator."""
     try:
-        from kalm.evaluation.cli import run_evaluation
+        from kalm.evaluation.evaluate import evaluate_policy
+        from kalm.evaluation.tables import default_results_path, write_results
 
-        report, written = run_evaluation(
-            policy, baseline, env, level, tasks, episodes, seed, out, embedding_cache, epsilon
-        )
+        report = evaluate_policy(policy, baseline=baseline, env=env, level=level, tasks=tasks, episodes=episodes,
+                                 seed=seed, epsilon=epsilon, embedding_cache=embedding_cache)
+        written, _ = write_results(report, out or default_results_path(policy, baseline, level, tasks, seed, epsilon))
     except (ValueError, OSError) as exc:
         _fail(exc)
     from kalm.evaluation.tables import markdown_table
@@ -301,7 +302,7 @@ def run(
         from dataclasses import replace
 
         from kalm.pipeline import load_config, run_pipeline
-        from kalm.stagecache import RunLockedError
+        from kalm.pipeline.cache import RunLockedError
 
         resolved = load_config(config)
         if llm:
@@ -312,6 +313,18 @@ def run(
     except (ValueError, OSError, RunLockedError) as exc:
         _fail(exc)
     typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+@app.command()
+def report(run_dir: Path = typer.Option(..., "--run", help="A run directory written by `kalm run`.")) -> None:
+    """Rebuild a run's report (report.md, report.html) from its directory alone."""
+    try:
+        from kalm.report import write_report
+
+        written = write_report(run_dir)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"report: {written} (and {written.with_suffix('.html')})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,14 +1,20 @@
 """The run report: success tables with confidence intervals, plots and rollout GIFs.
 
-Reads only plain data that the pipeline stages wrote (JSON results, training curves,
-state arrays); it never loads a model. Writes ``report.md`` and a self-contained-
-enough ``report.html`` (images beside it in ``report_files/``), both atomically.
+Built from a run directory alone (:func:`write_report`): the ``run.json`` that ``kalm
+run`` writes names the stage directories of the run, and everything shown is read from
+the plain files those stages wrote (JSON results and summaries, training curves, the
+showcase GIFs). It never loads a model or an environment, so ``kalm report`` can
+rebuild a report anywhere the run directory is. Writes ``report.md`` and a
+self-contained-enough ``report.html`` (images beside it in ``report_files/``), both
+atomically.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,31 +25,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kalm.envs.spec import EnvSpec
-from kalm.files import write_atomic, write_text_atomic
+from kalm.evaluation.stats import LevelResult, level_results, paired_differences
+from kalm.files import read_curve, read_json, write_text_atomic
 
 LEVELS = ("seen", "rephrase", "easy", "hard")
 
 
 @dataclass(frozen=True)
-class LevelResult:
-    """Success over seeds for one method on one level."""
-
-    mean: float
-    low: float
-    high: float
-    per_seed: tuple[float, ...]
-    episodes: int
-
-
-@dataclass(frozen=True)
 class Showcase:
-    """An imagined rollout and the trained policy's real execution of the same
-    instruction from the same start."""
+    """An imagined rollout beside the trained policy's real execution of the same
+    instruction from the same start, drawn as one GIF by the showcase stage."""
 
     instruction: str
-    imagined: np.ndarray
-    real: np.ndarray
+    gif: Path
     real_success: bool
     imagined_success: bool
 
@@ -166,23 +160,70 @@ def _curve_plot(inputs: ReportInputs, path: Path) -> bool:
     return True
 
 
-def _showcase_gif(spec: EnvSpec, show: Showcase, path: Path) -> None:
-    render = spec.render_state
-    from PIL import Image
-
-    n = max(len(show.imagined), len(show.real))
-    frames = []
-    for t in range(n):
-        i = min(t, len(show.imagined) - 1)
-        left = render(show.imagined[i], 192, f"imagined, step {i}")
-        right = render(show.real[min(t, len(show.real) - 1)], 192, f"policy in sim, step {min(t, len(show.real) - 1)}")
-        frames.append(np.concatenate([left, np.full((192, 6, 3), 255, np.uint8), right], axis=1))
-    images = [Image.fromarray(f) for f in frames]
-    write_atomic(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:] or None,
-                                                duration=600, loop=0))
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Build the report of the run in ``run_dir`` from its files; returns ``report.md``."""
+    run_dir = Path(run_dir)
+    return render_report(run_dir, read_run(run_dir))
 
 
-def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec) -> Path:
+def read_run(run_dir: str | os.PathLike) -> ReportInputs:
+    """What the report shows, read from the ``run.json`` manifest and the stage files
+    it names (a missing or damaged file is refused, naming it)."""
+    run_dir = Path(run_dir)
+    manifest = read_json(run_dir / "run.json", "run manifest (written by `kalm run` when it finishes)")
+    stages = run_dir / "stages"
+    names = manifest["stages"]
+
+    def record(name: str) -> dict:
+        return read_json(stages / name / "stage.json", "stage record")
+
+    results_files = {m: [stages / n / "results.json" for n in names["evaluate"][m]] for m in ("baseline", "kalm")}
+    curves = {}
+    for seed, *trained in zip(manifest["seeds"], names["train"]["baseline"], names["train"]["kalm"]):
+        for method, name in zip(("baseline", "kalm"), trained):
+            curves[f"{method} seed {seed}"] = read_curve(stages / name / "policy" / "curve.csv")
+    used = [names["collect"], names["ground"], *names["imagine"].values(), *names["train"]["baseline"],
+            *names["train"]["kalm"], *names["evaluate"]["baseline"], *names["evaluate"]["kalm"],
+            names["llm-policy"], names["showcase"]]
+    showcase_dir = stages / names["showcase"]
+    showcases = [Showcase(row["instruction"], showcase_dir / row["gif"], row["real_success"], row["imagined_success"])
+                 for row in read_json(showcase_dir / "showcase.json", "showcase")]
+    return ReportInputs(
+        title=manifest["title"],
+        algo=manifest["algo"],
+        results={"baseline": level_results(results_files["baseline"]), "kalm": level_results(results_files["kalm"]),
+                 "llm-policy": level_results([stages / names["llm-policy"] / "results.json"])},
+        differences={"kalm - baseline": paired_differences(results_files["kalm"], results_files["baseline"])},
+        curves=curves,
+        hallucination={level: record(name)["summary"] for level, name in names["imagine"].items()},
+        grounding={k: v for k, v in record(names["ground"])["summary"].items() if isinstance(v, (int, float))},
+        timings=_stage_times(record(name) for name in sorted(used)),
+        showcases=showcases,
+        notes=_notes(manifest, run_dir),
+    )
+
+
+def _stage_times(records) -> dict[str, float]:
+    """Seconds per stage, the seeds of a training or evaluation stage added up."""
+    timings: dict[str, float] = {}
+    for record in records:
+        stage = record["stage"]
+        group = stage.split("-s")[0] if stage.startswith(("train", "evaluate")) else stage
+        timings[group] = timings.get(group, 0.0) + float(record["seconds"])
+    return timings
+
+
+def _notes(manifest: Mapping, run_dir: Path) -> list[str]:
+    notes = [f"{len(manifest['seeds'])} seeds x {manifest['eval_episodes']} episodes per level for each policy (each "
+             "seed its own episodes, the same for the baseline and KALM policies of that seed); "
+             f"the LLM policy: {manifest['llm_policy_episodes']} episodes per level.",
+             f"Resolved config: {run_dir / 'config.json'}"]
+    if manifest.get("grounded_model"):
+        notes.append(f"Grounding was not trained in this run: the model was adopted from {manifest['grounded_model']}.")
+    return notes
+
+
+def render_report(out_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
     """Write ``report.md`` and ``report.html`` (+ ``report_files/``) into ``out_dir``."""
     out = Path(out_dir)
     files = out / "report_files"
@@ -191,9 +232,15 @@ def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec
     has_curves = _curve_plot(inputs, files / "curves.png")
     gifs = []
     for i, show in enumerate(inputs.showcases):
-        _showcase_gif(spec, show, files / f"showcase_{i}.gif")
+        shutil.copyfile(show.gif, files / f"showcase_{i}.gif")
         gifs.append((f"report_files/showcase_{i}.gif", show))
+    text = "\n".join(_markdown(inputs, has_curves, gifs))
+    write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "report.html", _markdown_to_html(text, inputs.title))
+    return out / "report.md"
 
+
+def _markdown(inputs: ReportInputs, has_curves: bool, gifs: Sequence[tuple[str, Showcase]]) -> list[str]:
     md = [f"# {inputs.title}", "", f"Offline RL algorithm: **{inputs.algo}**. Success rate in the real simulator, "
           "mean over seeds with a 95 % confidence interval (Wilson, all episodes pooled). A *paired* column "
           "is the difference in percentage points over the episodes both policies ran (the same instructions "
@@ -225,10 +272,7 @@ def write_report(out_dir: str | os.PathLike, inputs: ReportInputs, spec: EnvSpec
         md.append("")
     if inputs.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in inputs.notes] + [""]
-    text = "\n".join(md)
-    write_text_atomic(out / "report.md", text)
-    write_text_atomic(out / "report.html", _markdown_to_html(text, inputs.title))
-    return out / "report.md"
+    return md
 
 
 def _markdown_to_html(text: str, title: str) -> str:
@@ -272,8 +316,6 @@ def _markdown_to_html(text: str, title: str) -> str:
 
 
 def _inline(text: str) -> str:
-    import re
-
     escaped = html.escape(text)
     escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
     return re.sub(r"\*(.+?)\*", r"<i>\1</i>", escaped)

@@ -326,7 +326,7 @@ def _ground_args(data: Path, llm: Path, out: Path, resume: bool) -> tuple:
 
 def _ground_checkpoint(out: Path) -> int:
     """The step of the newest finished checkpoint (0: none)."""
-    from kalm.grounding.finetune import latest_checkpoint
+    from kalm.grounding.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(out)
     return int(found.name.split("-")[1]) if found is not None else 0

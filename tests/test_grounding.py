@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from kalm.grounding.backbone import BackboneError, load_backbone
-from kalm.grounding.finetune import GroundingConfig, GroundingObjective, latest_checkpoint, train_grounding
-from kalm.grounding.model import GroundedLM, GroundedLMConfig, GroundingCheckpointError, NormStats
+from kalm.grounding.checkpoint import GroundingCheckpointError, latest_checkpoint
+from kalm.grounding.finetune import GroundingConfig, train_grounding
+from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
+from kalm.grounding.objective import GroundingObjective
 from kalm.grounding.prompts import TASKS, collate
 
 STATE_DIM, N_ACTIONS = 10, 40
@@ -235,7 +237,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_backbone, tmp_path):
 def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkeypatch):
     """The exact task, another relation the push made true, and one already true at
     the start: only the first is accurate, the first two are achieved."""
-    import kalm.grounding.metrics as evaluate
+    import kalm.grounding.metrics as metrics
     from kalm.envs import get_spec
     from kalm.envs.clevr.tasks import Relation
     from kalm.grounding.data import ExampleSampler, GroundingEpisode
@@ -248,7 +250,7 @@ def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkey
     episode = GroundingEpisode(obs, np.array([3]), True, task, task.to_json(), True, ("x",), ("x",))
     texts = ["Push the red ball to the left of the blue ball", "Push the blue ball to the right of the red ball",
              "Push the purple ball behind the cyan ball", "no instruction at all"]
-    monkeypatch.setattr(evaluate, "greedy_text", lambda model, prompts, n: [texts.pop(0) for _ in prompts])
+    monkeypatch.setattr(metrics, "greedy_text", lambda model, prompts, n: [texts.pop(0) for _ in prompts])
 
     class Prompts:
         def explanation(self, observations, actions, instruction):
@@ -258,7 +260,7 @@ def test_explanation_counts_exact_tasks_and_tasks_the_trajectory_achieved(monkey
         prompts = Prompts()
 
     sampler = ExampleSampler(None, [episode] * 4, 16)
-    result = evaluate.explanation_accuracy(Model(), get_spec("clevr"), sampler, batch_size=4)
+    result = metrics.explanation_accuracy(Model(), get_spec("clevr"), sampler, batch_size=4)
     assert result["explanation_accuracy"] == 0.25 and result["explanation_achieved"] == 0.5
     assert result["explanation_equivalent"] == 0.5  # "blue right of red" is the same goal
     # achieved: red left of blue, blue right of red, red in front of cyan, cyan behind red

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
+from typer.testing import CliRunner
 
-from kalm.pipeline import PRESETS, _ground, check_config, load_config, run_pipeline
-from kalm.stagecache import StageCache
+from kalm.cli import app
+from kalm.evaluation.stats import paired_differences
+from kalm.pipeline import PRESETS, LevelPlan, check_config, load_config, run_pipeline
+from kalm.pipeline.cache import StageCache
+from kalm.pipeline.stages import ground_stage
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +24,12 @@ def tiny_llm(tiny_backbone) -> str:
 
 
 def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path, monkeypatch):
-    import kalm.pipeline
+    import kalm.pipeline.stages
 
-    config = replace(PRESETS["clevr-tiny"](), llm=tiny_llm, seeds=(0, 1), imagine_max_steps=(("rephrase", 2),),
-                     imagine_temperature=(("easy", 1.0),))
-    monkeypatch.setattr(kalm.pipeline, "free_cores", lambda: 2)  # the policies train in two worker processes
+    tiny = PRESETS["clevr-tiny"]()
+    config = replace(tiny, llm=tiny_llm, seeds=(0, 1),
+                     levels={**tiny.levels, "rephrase": LevelPlan(max_steps=2), "easy": LevelPlan(temperature=1.0)})
+    monkeypatch.setattr(kalm.pipeline.stages, "free_cores", lambda: 2)  # the policies train in two worker processes
     report = run_pipeline(config, tmp_path)
     text = report.read_text()
     for method in ("baseline", "kalm", "llm-policy"):
@@ -56,6 +64,16 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     assert "kalm - baseline (paired)" in text
     assert f"{100 * seen_diff:+.1f} [" in next(line for line in text.splitlines() if line.startswith("| seen |"))
 
+    # the report is rebuilt from the run directory alone, to the byte
+    written = {name: (tmp_path / name).read_bytes() for name in ("report.md", "report.html")}
+    for name in written:
+        (tmp_path / name).unlink()
+    shutil.rmtree(tmp_path / "report_files")
+    result = CliRunner().invoke(app, ["report", "--run", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert {name: (tmp_path / name).read_bytes() for name in written} == written
+    assert (tmp_path / "report_files" / "showcase_0.gif").exists()
+
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()}
     run_pipeline(config, tmp_path)  # everything cached: nothing is rebuilt
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "stages").iterdir()} == before
@@ -64,7 +82,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     _check_adopting_a_grounded_model(config, grounded, tmp_path / "adopt")
 
     changed = replace(config, train=replace(config.train, steps=30))
-    monkeypatch.setattr(kalm.pipeline, "free_cores", lambda: 1)  # now one after another, in this process
+    monkeypatch.setattr(kalm.pipeline.stages, "free_cores", lambda: 1)  # now one after another, in this process
     run_pipeline(changed, tmp_path)  # only policy training and what follows is redone
     new = {p.name for p in (tmp_path / "stages").iterdir()} - set(before)
     assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "showcase")) for n in new)
@@ -72,22 +90,20 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
 
 
 def test_paired_differences_refuse_runs_of_different_episodes(tmp_path):
-    from kalm.pipeline import _paired_differences
-
     def run(name, instruction, success):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"results": [{"level": "seen", "index": 0, "instruction": instruction,
                                                  "success": success}]}))
         return path
 
-    same = _paired_differences([run("a", "push red left", True)], [run("b", "push red left", False)])
+    same = paired_differences([run("a", "push red left", True)], [run("b", "push red left", False)])
     assert same["seen"].mean == 1.0 and same["seen"].episodes == 1
     with pytest.raises(ValueError, match="did not run the same episodes"):
-        _paired_differences([run("c", "push red left", True)], [run("d", "push blue left", True)])
+        paired_differences([run("c", "push red left", True)], [run("d", "push blue left", True)])
     other_plan = run("e", "push red left", True)
     other_plan.write_text(json.dumps({**json.loads(other_plan.read_text()), "seed": 7}))
     with pytest.raises(ValueError, match="different evaluation plans"):
-        _paired_differences([other_plan], [run("f", "push red left", True)])
+        paired_differences([other_plan], [run("f", "push red left", True)])
 
 
 def test_every_clevr_preset_is_a_valid_config():
@@ -97,7 +113,7 @@ def test_every_clevr_preset_is_a_valid_config():
             assert check_config(config).name == "clevr"
     gpu, default = load_config("clevr-gpu"), load_config("clevr-default")
     assert gpu.grounding.steps * gpu.grounding.batch_tokens >= 10 * default.grounding.steps * default.grounding.batch_tokens
-    assert (gpu.train, gpu.seeds, gpu.imagine_counts) == (default.train, default.seeds, default.imagine_counts)
+    assert (gpu.train, gpu.seeds, gpu.levels) == (default.train, default.seeds, default.levels)
 
 
 def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
@@ -118,13 +134,13 @@ def _check_adopting_a_grounded_model(config, grounded, out):
     byte for byte, its metrics as the stage summary, keyed by content."""
     adopted = replace(config, grounded_model=str(grounded / "model"), llm="no/such/model")
     spec = check_config(adopted)  # llm is not consulted when a grounded model is given
-    stage = _ground(StageCache(out), spec, adopted, real=None)
+    stage = ground_stage(StageCache(out), spec, adopted, real=None)
     files = sorted(p.relative_to(grounded / "model") for p in (grounded / "model").rglob("*") if p.is_file())
     assert files and all((stage.path / "model" / f).read_bytes() == (grounded / "model" / f).read_bytes()
                          for f in files)
     summary = json.loads((stage.path / "stage.json").read_text())["summary"]
     assert summary["steps"] == json.loads((grounded / "metrics.json").read_text())["steps"]
-    assert _ground(StageCache(out), spec, adopted, real=None).cached
+    assert ground_stage(StageCache(out), spec, adopted, real=None).cached
 
     with pytest.raises(ValueError, match=r"grounded_model.*not a grounded model directory"):
         check_config(replace(config, grounded_model=str(out / "missing")))
@@ -134,3 +150,30 @@ def _check_adopting_a_grounded_model(config, grounded, out):
     (foreign / "grounding_config.json").write_text(json.dumps({**meta, "state_dim": 39}))
     with pytest.raises(ValueError, match=r"grounded_model.*state_dim 39"):
         check_config(replace(config, grounded_model=str(foreign)))
+
+
+def test_level_plans_are_overridden_field_by_field_added_and_dropped(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"levels": {"rephrase": {"n": 100}, "easy": None}}))
+    config = load_config(str(path))
+    default = load_config("clevr-default")
+    assert list(config.levels) == ["rephrase", "hard"]
+    assert config.levels["rephrase"] == replace(default.levels["rephrase"], n=100)
+    assert config.levels["hard"] == default.levels["hard"]
+    resolved = config.levels["rephrase"].imagine_config(config.imagine, "rephrase")
+    assert (resolved.level, resolved.n, resolved.starts_per_instruction, resolved.generation.max_steps,
+            resolved.generation.temperature) == ("rephrase", 100, 6, 3, 1.0)
+    # a plan's unset fields take the shared imagine settings; compose adds to them
+    plain = LevelPlan().imagine_config(config.imagine, "easy")
+    assert (plain.n, plain.generation, plain.compose) == (config.imagine.n, config.imagine.generation, False)
+    assert LevelPlan(compose=True).imagine_config(config.imagine, "hard").compose
+    path.write_text(json.dumps({"levels": {"rephrase": {"n": 0}}}))
+    with pytest.raises(ValueError, match=r"levels\.rephrase: n must be a whole number >= 1"):
+        load_config(str(path))
+
+
+def test_the_report_module_loads_no_model_or_learning_code():
+    """``kalm report`` runs where only the run directory is: the report reads files."""
+    code = "import sys, kalm.report; print(sorted(m for m in ('torch', 'transformers', 'd3rlpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

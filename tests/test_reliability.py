@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from kalm.cli import app
 from kalm.data.episodes import Episode, EpisodeDataset, save_episodes
 from kalm.envs import get_spec
-from kalm.stagecache import RunLock
+from kalm.pipeline.cache import RunLock
 
 SPEC = get_spec("clevr")
 TASK = {"kind": "relation", "object": "red", "anchor": "blue", "direction": "left"}
@@ -487,16 +487,16 @@ def test_ground_takes_a_presets_grounding_settings(tmp_path, good_data, tiny_bac
     (b'{"seeds": [-1]}', "'seeds'"),
     (b'{"collect": {"episodes": -1}}', "episodes must be >= 1"),
     (b'{"collect": {"epsilon": 2.0}}', "epsilon must be in [0, 1]"),
-    (b'{"imagine_levels": ["nope"]}', "unknown level 'nope'"),
-    (b'{"imagine_counts": [["easy"]]}', "imagine_counts': expected [level, n >= 1] pairs"),
-    (b'{"imagine_counts": [["easy", 0]]}', "imagine_counts': expected [level, n >= 1] pairs"),
-    (b'{"imagine_counts": [["nope", 5]]}', "unknown level 'nope'"),
-    (b'{"imagine_max_steps": [["rephrase", 0]]}', "imagine_max_steps': expected [level, T >= 1] pairs"),
-    (b'{"imagine_max_steps": [["nope", 5]]}', "unknown level 'nope'"),
-    (b'{"imagine_starts": [["rephrase", 0]]}', "imagine_starts': expected [level, k >= 1] pairs"),
-    (b'{"imagine_starts": [["nope", 2]]}', "unknown level 'nope'"),
-    (b'{"imagine_temperature": [["easy", -1.0]]}', "imagine_temperature': expected [level, temperature >= 0]"),
-    (b'{"imagine_temperature": [["nope", 1.0]]}', "unknown level 'nope'"),
+    (b'{"levels": {"nope": {}}}', "unknown level 'nope'"),
+    (b'{"levels": ["easy"]}', "levels: expected a JSON object, got list"),
+    (b'{"levels": {"easy": 5}}', "levels.easy: expected a JSON object, got int"),
+    (b'{"levels": {"easy": {"n": 0}}}', "levels.easy: n must be a whole number >= 1 or null, got 0"),
+    (b'{"levels": {"easy": {"n": 2.5}}}', "levels.easy.n: expected int, got float"),
+    (b'{"levels": {"easy": {"count": 5}}}', "levels.easy: unknown field 'count'"),
+    (b'{"levels": {"rephrase": {"max_steps": 0}}}', "levels.rephrase: max_steps must be a whole number >= 1"),
+    (b'{"levels": {"rephrase": {"starts_per_instruction": 0}}}', "starts_per_instruction must be a whole number"),
+    (b'{"levels": {"easy": {"temperature": -1.0}}}', "levels.easy: temperature must be a number >= 0"),
+    (b'{"levels": {"easy": {"compose": "yes"}}}', "levels.easy.compose: expected bool, got str"),
     (b'{"env": "nope"}', "unknown environment 'nope'"),
     (b'{"eval_episodes": 0}', "eval_episodes"),
 ], ids=lambda v: v.decode("latin-1")[:30] if isinstance(v, bytes) else None)

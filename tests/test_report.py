@@ -6,7 +6,9 @@ import numpy as np
 from PIL import Image
 
 from kalm.envs import get_spec
-from kalm.report import LevelResult, ReportInputs, Showcase, write_report
+from kalm.evaluation.showcase import draw_side_by_side
+from kalm.evaluation.stats import LevelResult
+from kalm.report import ReportInputs, Showcase, render_report
 
 
 def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
@@ -14,6 +16,9 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
     env = spec.make_env()
     s0, _ = env.reset(seed=0)
     states = np.stack([s0, env.step(3)[0], env.step(11)[0]])
+    gif = tmp_path / "stage" / "showcase_0.gif"
+    gif.parent.mkdir()
+    draw_side_by_side(spec, states, states[:2], gif)
     r = LevelResult(mean=0.5, low=0.4, high=0.6, per_seed=(0.45, 0.55), episodes=200)
     inputs = ReportInputs(
         title="KALM on CLEVR-Robot",
@@ -25,15 +30,16 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
                                 "hallucination": {"transition_share": {"too_far": 0.1, "non_finite": 0.0}}}},
         grounding={"dynamics_improvement": 3.2},
         timings={"collect": 12.0},
-        showcases=[Showcase("Push the red ball left", states, states[:2], True, False)],
+        showcases=[Showcase("Push the red ball left", gif, True, False)],
         notes=["a note"],
     )
-    md = write_report(tmp_path, inputs, spec)
+    out = tmp_path / "run"
+    md = render_report(out, inputs)
     text = md.read_text()
     assert "| seen | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] | +4.2 [+0.2, +8.3] |" in text
     assert "| rephrase | – |" in text and "| easy | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] | – |" in text
-    page = (tmp_path / "report.html").read_text()
+    page = (out / "report.html").read_text()
     assert "<table>" in page and "showcase_0.gif" in page and "<h2>Imagined rollouts</h2>" in page
-    gif = Image.open(tmp_path / "report_files" / "showcase_0.gif")
-    assert gif.n_frames == 3 and gif.size[0] > 2 * gif.size[1]
-    assert Image.open(tmp_path / "report_files" / "success.png").size[0] > 300
+    shown = Image.open(out / "report_files" / "showcase_0.gif")
+    assert shown.n_frames == 3 and shown.size[0] > 2 * shown.size[1]
+    assert Image.open(out / "report_files" / "success.png").size[0] > 300

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 
 import pytest
 
-from kalm.stagecache import RunLock, RunLockedError, StageCache, stage_key
+import kalm.pipeline.cache as cache_module
+from kalm.pipeline.cache import RunLock, RunLockedError, StageCache, code_digest, stage_key
 
 
 def test_a_completed_stage_is_reused_and_a_changed_config_rebuilds(tmp_path):
@@ -79,3 +81,42 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
         holder.join()
     with RunLock(tmp_path):  # free again once the holder is gone
         pass
+
+
+def test_the_code_digest_follows_imports_and_ignores_unrelated_modules(tmp_path):
+    """A stage's code is its modules and every kalm module they import, at the top or
+    inside a function; other modules do not count."""
+    root = tmp_path / "kalm"
+    shutil.copytree(cache_module.KALM_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    ground, train = ["kalm.grounding.finetune"], ["kalm.offline.train"]
+    before = code_digest(ground, root=root), code_digest(train, root=root)
+    assert before == (code_digest(ground), code_digest(train))  # the copy is the package
+    with (root / "grounding" / "model.py").open("a") as f:  # imported by finetune through checkpoint too
+        f.write("\n# a change\n")
+    assert code_digest(ground, root=root) != before[0] and code_digest(train, root=root) == before[1]
+    with (root / "data" / "episodes.py").open("a") as f:  # read by training, not by grounding
+        f.write("\n# a change\n")
+    assert code_digest(train, root=root) != before[1]
+
+
+def test_a_code_change_invalidates_the_stage(tmp_path, monkeypatch):
+    package = tmp_path / "kalm"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text("def compute():\n    from kalm.helper import value\n    return value\n")
+    (package / "helper.py").write_text("value = 1\n")
+    (package / "unrelated.py").write_text("x = 1\n")
+    monkeypatch.setattr(cache_module, "KALM_ROOT", package)
+    cache, calls = StageCache(tmp_path / "stages"), []
+
+    def build(out):
+        calls.append(out)
+
+    first = cache.run("collect", {"episodes": 10}, build, code=["kalm.stage"])
+    (package / "unrelated.py").write_text("x = 2\n")
+    assert cache.run("collect", {"episodes": 10}, build, code=["kalm.stage"]).cached and len(calls) == 1
+    (package / "helper.py").write_text("value = 2\n")
+    changed = cache.run("collect", {"episodes": 10}, build, code=["kalm.stage"])
+    assert not changed.cached and changed.key != first.key and len(calls) == 2
+    record = json.loads((changed.path / "stage.json").read_text())
+    assert record["code"].startswith(f"kalm {cache_module.kalm.__version__}; ")

@@ -2,7 +2,8 @@
 
 Grounding, imagination, offline RL and evaluation never branch on an environment's
 name: they read the :class:`EnvSpec`. A new environment joins by building one of these
-in its own folder under ``kalm/envs`` and adding it to :data:`kalm.envs.ENV_SPECS`.
+in its own folder under ``kalm/envs`` (a ``make_spec()``) and registering it, with its
+Gymnasium id, in ``kalm/envs/__init__.py``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,15 @@ _MAX_START_TRIES = 100
 
 @dataclass(frozen=True)
 class PlannedEpisode:
+    """One episode to run: its instruction and the reset seeds to try, in order, until
+    the task does not already hold; or a fixed ``start_state`` (used as it is), e.g.
+    the first state of an imagined rollout."""
+
     level: str
     index: int
     instruction: Instruction
     reset_seeds: tuple[int, ...]
+    start_state: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,12 @@ def plan_episodes(level: str, instructions: Sequence[Instruction], episodes: int
 
 
 def _reset_to_start(env, planned: PlannedEpisode) -> np.ndarray:
-    """Reset ``env`` to the episode's first start in which its task does not yet hold."""
+    """Reset ``env`` to the episode's fixed start, or else to its first start in which
+    its task does not yet hold."""
     task = planned.instruction.task
+    if planned.start_state is not None:
+        obs, _ = env.reset(seed=planned.reset_seeds[0], options={"task": task, "state": planned.start_state})
+        return np.asarray(obs)
     for reset_seed in planned.reset_seeds:
         obs, info = env.reset(seed=reset_seed, options={"task": task})
         if not info["success"]:
@@ -93,12 +103,18 @@ def _result(planned: PlannedEpisode, success: bool, steps: int) -> EpisodeResult
                          task=task.to_json(), kind=task.kind, success=success, steps=steps)
 
 
-def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode) -> EpisodeResult:
+def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode,
+                trajectory: list | None = None) -> EpisodeResult:
+    """Run one planned episode until success, termination or the horizon; the
+    observations it sees (the start included) are appended to ``trajectory`` if given."""
     obs = _reset_to_start(env, planned)
+    record = trajectory.append if trajectory is not None else (lambda obs: None)
+    record(obs)
     act = policy.begin(env, planned.instruction, obs, np.random.default_rng(planned.reset_seeds[-1]))
     success, steps = False, 0
     for steps in range(1, spec.max_episode_steps + 1):  # noqa: B007 - the count is read after the loop
         obs, _, terminated, truncated, info = env.step(act(obs))
+        record(obs)
         if info["success"]:
             success = True
             break
@@ -195,3 +211,36 @@ def evaluate(
         "levels": summarise(results),
         "results": [asdict(r) for r in results],
     }
+
+
+def evaluate_policy(policy: str | Path | EvalPolicy | None = None, *, baseline: str | None = None,
+                    env: str | None = None, level: str = "all", tasks: str | Path | None = None,
+                    episodes: int = 100, seed: int = 0, epsilon: float = 0.0,
+                    embedding_cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Success rates of a policy in the real simulator: ``policy`` is a directory written
+    by ``kalm train`` (or any :class:`EvalPolicy`), or ``baseline`` names a reference
+    policy (``random``, ``expert``, with ``env``). Evaluates ``episodes`` per level
+    (``level``: one of the env's levels, or ``all``) or on a JSON-lines ``tasks`` file.
+
+    Returns the JSON-ready results; ``["levels"][level]["success_rate"]`` is a rate."""
+    from kalm.envs import get_spec
+    from kalm.envs.task_file import read_task_file
+    from kalm.evaluation.policies import make_policy
+    from kalm.threads import set_torch_threads
+
+    set_torch_threads(1)  # tiny networks; see kalm.offline.train
+    if policy is None or isinstance(policy, (str, Path)):
+        policy, env = make_policy(None if policy is None else Path(policy), baseline, env, embedding_cache, epsilon)
+    elif env is None:
+        raise ValueError("evaluating a policy object needs env")
+    spec = get_spec(env)
+    if tasks is not None:
+        tasks = Path(tasks)
+        levels = {f"tasks:{tasks.name}": read_task_file(tasks, spec.parse_task)}
+    else:
+        levels = resolve_levels(spec, level, seed)
+    report = evaluate(policy, spec, levels, episodes, seed, progress=progress)
+    report["epsilon"] = epsilon
+    if tasks is not None:
+        report["task_file"] = str(tasks)
+    return report

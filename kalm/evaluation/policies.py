@@ -105,3 +105,25 @@ class ExpertPolicy:
         task = instruction.task
         start = np.array(start, copy=True)
         return lambda obs: expert(obs, task, start)
+
+
+BASELINES = ("random", "expert")
+
+
+def make_policy(policy_dir: Path | None, baseline: str | None, env: str | None,
+                embedding_cache: Path | None = None, epsilon: float = 0.0) -> tuple[EvalPolicy, str]:
+    """The policy to evaluate and its environment's name: a trained policy directory,
+    or a reference policy by name (which then needs ``env``)."""
+    if (policy_dir is None) == (baseline is None):
+        raise ValueError("give exactly one of --policy DIR and --baseline random|expert")
+    if policy_dir is not None:
+        trained = TrainedPolicy(policy_dir, embedding_cache, epsilon)
+        if env is not None and env != trained.env:
+            raise ValueError(f"the policy was trained on {trained.env!r}, not {env!r}")
+        return trained, trained.env
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r} (use {' or '.join(BASELINES)})")
+    if env is None:
+        raise ValueError("--baseline needs --env")
+    spec = get_spec(env)
+    return (RandomPolicy(spec) if baseline == "random" else ExpertPolicy(spec)), env

@@ -104,6 +104,37 @@ def resolve_backbone(path_or_name: str | os.PathLike) -> Path:
     return path
 
 
+def _refuse_non_causal(directory: Path, architectures: list, model_type) -> None:
+    """The saved architectures say what the weights are (a BertModel is an encoder even
+    though a causal Bert class exists); without them, fall back to the model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if architectures:
+        causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    else:
+        causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not causal:
+        raise BackboneError(f"{directory} holds a {model_type!r} model "
+                            f"({', '.join(map(str, architectures)) or 'no architecture'}), which is not a causal "
+                            "language model")
+
+
+def check_backbone(path_or_name: str | os.PathLike) -> None:
+    """Refuse a backbone that is not a causal-LM directory, from its ``config.json``
+    alone (no weights loaded, no code run), so a wrong ``--llm`` fails in seconds rather
+    than after data collection. Embedded names are accepted as they are."""
+    if str(path_or_name) in EMBEDDED_MODELS:
+        return
+    directory = resolve_backbone(path_or_name)
+    try:
+        meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BackboneError(f"{directory / 'config.json'}: not a readable model config ({exc})") from None
+    if not isinstance(meta, dict):
+        raise BackboneError(f"{directory / 'config.json'}: not a model config (a JSON {type(meta).__name__})")
+    _refuse_non_causal(directory, meta.get("architectures") or [], meta.get("model_type"))
+
+
 def load_tokenizer(path_or_name: str | os.PathLike, trust_remote_code: bool = False):
     """Only the tokenizer of a backbone (cheap; the tests use it with a tiny model)."""
     from transformers import AutoTokenizer
@@ -129,20 +160,7 @@ def load_backbone(path_or_name: str | os.PathLike, trust_remote_code: bool = Fal
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise BackboneError(f"cannot read the model config in {directory}: {exc}") from exc
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    # The saved architectures say what the weights are (a BertModel is an encoder even
-    # though a causal Bert class exists); without them, fall back to the model type.
-    architectures = config.architectures or []
-    if architectures:
-        is_causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    else:
-        is_causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if not is_causal:
-        raise BackboneError(
-            f"{directory} holds a {config.model_type!r} model ({', '.join(architectures) or 'no architecture'}), "
-            "which is not a causal language model"
-        )
+    _refuse_non_causal(directory, config.architectures or [], config.model_type)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(directory), trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
@@ -151,3 +169,25 @@ def load_backbone(path_or_name: str | os.PathLike, trust_remote_code: bool = Fal
         raise BackboneError(f"cannot load a causal language model from {directory}: {exc}") from exc
     tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def add_placeholder_tokens(tokenizer, tokens: tuple[str, ...]) -> None:
+    """Add the placeholder tokens as special tokens (a no-op when already present)."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+
+
+def resize_embeddings(llm, new_size: int) -> None:
+    """Grow the vocabulary; new rows get the mean embedding (deterministic, so a LoRA
+    checkpoint rebuilt on the base model matches the trained one exactly)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if new_size <= old:
+        return
+    llm.resize_token_embeddings(new_size, mean_resizing=False)
+    import torch
+
+    with torch.no_grad():
+        for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+            if emb is not None and emb.weight.shape[0] == new_size:
+                emb.weight[old:] = emb.weight[:old].mean(0)

@@ -7,19 +7,8 @@ as fit a token budget. LoRA on the attention and MLP projections by default
 
 ``accelerate`` makes the same code run on CPU, one GPU or several. Precision is bf16
 on GPU; on CPU it is bf16 autocast when the CPU has native bf16 (AVX512-BF16/AMX),
-otherwise fp32. Measured on the shared 2-core box, SmolLM2-135M + LoRA, one thread,
-a 16x30-token explanation batch: fp32 2.6 s/step, bf16 autocast 2.25 s/step. Torch
-threads default to the idle cores: two threads beside one busy process ran 10x
-slower (OpenMP threads spinning against each other).
-
-Default config, measured (real CLEVR data, 1,600 expert episodes, 1,440 for training;
-2 idle cores, inside a fresh ``kalm run``): 400 steps in 643 s (313 tokens/s, eager
-attention) plus a 76 s evaluation; held-out dynamics MSE 7.3x below the
-copy-the-state baseline, generated rollouts reach their goal 12 % of the time,
-explanation accuracy 5 % (14 % naming the same goal). On one H200 the earlier 300-step
-config trained in 80 s (1,891 tokens/s); the step rate there is bound by kernel
-launches, so the GPU preset (``clevr-gpu``) uses 4x larger batches at the same
-~4 steps/s.
+otherwise fp32. Torch threads default to the idle cores (:mod:`kalm.threads`): threads
+that outnumber them spin against each other.
 
 Multi-GPU with DeepSpeed ZeRO-3 (parameters sharded; CPU offload of optimizer and
 weights)::
@@ -29,44 +18,46 @@ weights)::
 
 (the YAML points at ``configs/zero3.json``; edit ``num_processes`` to the GPU count).
 
-Checkpoints (every ``checkpoint_every`` steps, the last ``keep_checkpoints`` kept)
-hold the model (safetensors), the optimizer (``torch.load(weights_only=True)``), the
-scheduler and RNG state (JSON / safetensors). Batches are a function of the step
-number, so a killed run resumed with ``resume=True`` follows the same path and ends
-at the same step (CPU, one GPU, DDP; not under DeepSpeed, whose optimizer state is
-sharded).
+Checkpoints (every ``checkpoint_every`` steps, the last ``keep_checkpoints`` kept; see
+:mod:`kalm.grounding.checkpoint`) hold the model, the optimizer, the scheduler and the
+RNG state. Batches are a function of the step number, so a killed run resumed with
+``resume=True`` follows the same path and ends at the same step (CPU, one GPU, DDP;
+not under DeepSpeed, whose optimizer state is sharded).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from kalm.files import write_atomic, write_json_atomic
-from kalm.grounding.backbone import resolve_backbone
+from kalm.files import write_json_atomic
+from kalm.grounding.backbone import EMBEDDED_MODELS, resolve_backbone
+from kalm.grounding.checkpoint import (
+    latest_checkpoint,
+    load_grounded,
+    read_training_state,
+    restore_training_checkpoint,
+    save_training_checkpoint,
+)
 from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
-from kalm.grounding.metrics import dynamics_mse, explanation_accuracy, generation_success
-from kalm.grounding.model import DEFAULT_LORA_TARGETS, GroundedLM, GroundedLMConfig, NormStats, native_bf16
-from kalm.grounding.prompts import IGNORE_INDEX, TASKS, collate
+from kalm.grounding.distributed import full_weights, make_accelerator
+from kalm.grounding.metrics import evaluate_grounding
+from kalm.grounding.model import GroundedLM, GroundedLMConfig, LoraSettings, NormStats, native_bf16
+from kalm.grounding.objective import GroundingObjective, cosine_with_warmup, make_optimizer
+from kalm.grounding.prompts import TASKS, collate
 from kalm.threads import set_torch_threads
-
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
 class GroundingConfig:
-    """Training and evaluation settings; the defaults fit 20 minutes on a 2-core CPU
-    with SmolLM2-135M (see the module docstring for the measurements)."""
+    """Training and evaluation settings; the defaults fit about 13 minutes on a 2-core
+    CPU with SmolLM2-135M (docs/results.md has the measurements)."""
 
     # 400 steps: with eager attention on CPU they cost about what 300 did with sdpa.
     steps: int = 400
@@ -80,15 +71,11 @@ class GroundingConfig:
     warmup_steps: int = 15
     max_grad_norm: float = 1.0
     finetune: str = "lora"
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora: LoraSettings = field(default_factory=LoraSettings)
     io_hidden: int = 256
     # Rollout generation gets 60 % of the micro-batches because imagination is what it
-    # feeds. Against (0.5, 3.0, 1.0, 0.5) at the same 300 CPU steps (measured on CLEVR):
-    # imagined rollouts reaching their goal 7 % -> 31 %, KALM easy success 23 % -> 63 %,
-    # explanation 12 % -> 4 % exact.
+    # feeds: on CLEVR-Robot it quadrupled the imagined rollouts that reach their goal,
+    # at the cost of explanation accuracy (docs/results.md).
     task_weights: tuple[tuple[str, float], ...] = (
         ("dynamics", 0.5), ("explanation", 1.0), ("generation", 3.0), ("goal", 0.5))
     max_trajectory_steps: int = 16
@@ -127,65 +114,24 @@ class GroundingConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
+        d["lora"]["targets"] = list(self.lora.targets)
         d["task_weights"] = [list(p) for p in self.task_weights]
         return d
 
     @classmethod
     def from_json(cls, data: dict) -> GroundingConfig:
+        """The config a checkpoint recorded; one written before the LoRA settings were
+        one object (flat ``lora_*`` fields) reads too."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["lora_targets"] = tuple(values.get("lora_targets", DEFAULT_LORA_TARGETS))
+        lora = dict(values.get("lora") or {k: data[f"lora_{k}"] for k in ("rank", "alpha", "dropout", "targets")
+                                           if f"lora_{k}" in data})
+        if "targets" in lora:
+            lora["targets"] = tuple(lora["targets"])
+        values["lora"] = LoraSettings(**lora)
         if "task_weights" in values:
             values["task_weights"] = tuple((str(n), float(w)) for n, w in values["task_weights"])
         return cls(**values)
-
-
-class GroundingObjective(torch.nn.Module):
-    """The losses of one batch; a module so DDP/DeepSpeed see every parameter used.
-
-    state: MSE of the predicted change in units of the per-step change; action: CE
-    (discrete) or MSE of normalised actions; done: BCE; text: CE on instruction
-    tokens. The LM head runs only where text is supervised.
-    """
-
-    def __init__(self, model: GroundedLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        m = self.model
-        embeds = m.embed_sequence(batch["input_ids"], batch["states"], batch["actions"])
-        hidden, _ = m(embeds, batch["attention_mask"], batch["position_ids"])
-        losses: dict[str, torch.Tensor] = {}
-        sm = batch["state_mask"]
-        if sm.any():
-            # One unit for every state target, the goal's too (its change from s_0 in
-            # per-step units). Measured on CLEVR-Robot: measuring the goal in units of the
-            # state's spread instead (same seed and batches) dropped held-out dynamics
-            # from 7.0x to 3.3x better than copying; the shared head then had to emit two
-            # scales. On Meta-World the goal's per-step units make its loss ~1000x the
-            # others (a separate goal head is the fix still to measure).
-            target = (batch["state_targets"][sm] - batch["state_reference"][sm]) / m.io.delta_std
-            losses["state"] = torch.nn.functional.mse_loss(m.predict_state_change(hidden[sm]), target)
-        am = batch["action_mask"]
-        if am.any():
-            out = m.io.action_head(hidden[am].float())
-            if m.config.discrete:
-                losses["action"] = torch.nn.functional.cross_entropy(out, batch["action_targets"][am])
-            else:
-                target = (batch["action_targets"][am] - m.io.action_mean) / m.io.action_std
-                losses["action"] = torch.nn.functional.mse_loss(out, target)
-        dm = batch["done_mask"]
-        if dm.any():
-            losses["done"] = torch.nn.functional.binary_cross_entropy_with_logits(
-                m.predict_done(hidden[dm]), batch["done_targets"][dm])
-        tm = batch["token_targets"] != IGNORE_INDEX
-        if tm.any():
-            logits = m.token_logits(hidden[tm]).float()
-            losses["text"] = torch.nn.functional.cross_entropy(logits, batch["token_targets"][tm])
-        losses["total"] = sum(losses.values())
-        return losses
 
 
 def _precision(config: GroundingConfig) -> str:
@@ -198,12 +144,11 @@ def _precision(config: GroundingConfig) -> str:
 def _training_attention(model: GroundedLM, choice: str, on_gpu: bool):
     """Train with the chosen attention kernel, then give the model back its own.
 
-    Why eager on CPU: PyTorch's CPU flash-attention backward costs about 11 ms per
-    layer on our short sequences (~40 tokens), a quarter of a SmolLM2 LoRA step; the
-    plain matmul-softmax path does the same maths without it. Measured on 2 cores with
-    bf16 autocast (``python -m benchmarks --skip env generation offline``, side by
-    side): 316 tokens/s with sdpa, 439 with eager (1.39x); in fp32 1.11x. Generation
-    keeps sdpa, which is faster there (one new token per step).
+    Why eager on CPU: PyTorch's CPU flash-attention backward costs about a quarter of
+    a SmolLM2 LoRA step on our short sequences (~40 tokens); the plain matmul-softmax
+    path does the same maths without it (1.39x the tokens/s in bf16 on 2 cores,
+    ``python -m benchmarks``). Generation keeps sdpa, which is faster there (one new
+    token per step).
     """
     implementation = "eager" if choice == "auto" and not on_gpu else (None if choice == "auto" else choice)
     base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
@@ -218,115 +163,20 @@ def _training_attention(model: GroundedLM, choice: str, on_gpu: bool):
         base.set_attn_implementation(previous)
 
 
-def _optimizer(model: GroundedLM, config: GroundingConfig) -> torch.optim.Optimizer:
-    io = [p for p in model.io.parameters() if p.requires_grad]
-    llm = [p for p in model.llm.parameters() if p.requires_grad]
-    lr = config.full_lr if config.finetune == "full" else config.lr
-    return torch.optim.AdamW([{"params": llm, "lr": lr}, {"params": io, "lr": config.io_lr}],
-                             weight_decay=config.weight_decay)
+@dataclass
+class _Start:
+    """Where a run begins: a fresh model at step 0, or a checkpoint's."""
+
+    model: GroundedLM
+    split: dict
+    step: int
+    checkpoint: Path | None = None
+    state: dict | None = None
 
 
-def _cosine_with_warmup(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ---------------------------------------------------------------- checkpoints
-def latest_checkpoint(out: Path) -> Path | None:
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAINER_STATE).is_file())
-    return done[-1] if done else None
-
-
-def _save_checkpoint(out: Path, step: int, model: GroundedLM, optimizer, scheduler, config: GroundingConfig,
-                     split: dict) -> Path:
-    from safetensors.torch import save
-
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
-    try:
-        model.save(staging / "model")
-        # serialised in memory and written with plain file I/O, so a full disk is an
-        # OSError naming the file (torch.save and safetensors raise their own types)
-        write_atomic(staging / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-        write_atomic(staging / "rng.safetensors", lambda f: f.write(save({"torch_rng": torch.get_rng_state()})))
-        state = {"step": step, "config": config.to_json(), "scheduler": scheduler.state_dict(), "split": split}
-        write_json_atomic(staging / TRAINER_STATE, state)
-        staging.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[: -config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(path: Path, spec, config: GroundingConfig, backbone: str):
-    state = json.loads((path / TRAINER_STATE).read_text())
-    saved = GroundingConfig.from_json(state["config"])
-    if saved != config:
-        diff = [f.name for f in fields(GroundingConfig) if getattr(saved, f.name) != getattr(config, f.name)]
-        raise ValueError(f"cannot resume from {path}: its training config differs in {', '.join(diff)}")
-    model = GroundedLM.load(path / "model", spec=spec, trainable=True, backbone=backbone)
-    return model, state
-
-
-# ---------------------------------------------------------------- the run
-def _accelerator(**kwargs):
-    """An ``Accelerator``; in a single process, one left by an earlier run with another
-    precision is reset first (accelerate keeps its state process-wide and otherwise
-    refuses a second run in the same process, e.g. a library user grounding twice)."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.state import AcceleratorState
-
-    try:
-        return Accelerator(**kwargs)
-    except ValueError as exc:
-        if "already been initialized" not in str(exc) or PartialState().num_processes != 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(**kwargs)
-
-
-def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config: GroundingConfig = GroundingConfig(),
-                    resume: bool = False, llm=None, tokenizer=None, progress: bool = True,
-                    stop_after: int | None = None) -> dict:
-    """Ground ``backbone`` on ``dataset`` for ``spec``; writes ``out/model``,
-    ``out/metrics.json`` and checkpoints, and returns the metrics.
-
-    ``llm``/``tokenizer`` may be passed pre-built (tests use a tiny random model).
-    ``stop_after`` ends this session after that many steps with a checkpoint (a
-    time-sliced run); ``resume=True`` continues it on the same schedule.
-    """
-    from accelerate.utils import DistributedDataParallelKwargs
-    from tqdm.auto import tqdm
-
-    if dataset.env != spec.name:
-        raise ValueError(f"the dataset was collected in env {dataset.env!r}, not {spec.name!r}")
-    out = Path(out)
-    if llm is None:
-        resolve_backbone(backbone)  # a bad --llm is named before anything else starts
-    set_torch_threads(config.num_threads or None)
-    precision = _precision(config)
-    accelerator = _accelerator(
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    episodes = prepare_episodes(dataset, spec)
+def _refuse_bad_resume(out: Path, resume: bool, accelerator) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), refusing a run that would
+    overwrite unfinished work or resume what cannot be resumed."""
     from accelerate.utils import DistributedType
 
     if resume and accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -337,147 +187,182 @@ def train_grounding(spec, dataset, backbone: str, out: str | os.PathLike, config
         raise ValueError(f"{out} holds checkpoints of an unfinished run: resume it or choose another output directory")
     if resume and checkpoint is None and (out / "model").exists():
         raise ValueError(f"nothing to resume in {out}: the run finished (see {out / 'model'})")
+    return checkpoint
+
+
+def _start(spec, episodes, backbone: str, config: GroundingConfig, checkpoint: Path | None, llm,
+           tokenizer) -> _Start:
     if checkpoint is not None:
-        model, state = _load_checkpoint(checkpoint, spec, config, backbone)
-        split, start_step = state["split"], int(state["step"])
-    else:
-        train_idx, val_idx = split_episodes(episodes, config.validation_fraction, config.seed)
-        split = {"train": train_idx, "validation": val_idx}
-        torch.manual_seed(config.seed)
-        train_eps = [episodes[i] for i in train_idx]
-        stats = NormStats.from_arrays([e.observations for e in train_eps], [e.actions for e in train_eps],
-                                      spec.discrete)
-        model_config = GroundedLMConfig(
-            env=spec.name, state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=spec.discrete,
-            backbone=_backbone_reference(backbone), finetune=config.finetune, lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, lora_targets=config.lora_targets,
-            io_hidden=config.io_hidden)
-        model = GroundedLM.create(model_config, stats, llm=llm, tokenizer=tokenizer)
-        start_step = 0
+        state = read_training_state(checkpoint)
+        saved = GroundingConfig.from_json(state["config"])
+        if saved != config:
+            diff = [f.name for f in fields(GroundingConfig) if getattr(saved, f.name) != getattr(config, f.name)]
+            raise ValueError(f"cannot resume from {checkpoint}: its training config differs in {', '.join(diff)}")
+        model = load_grounded(checkpoint / "model", spec=spec, trainable=True, backbone=backbone)
+        return _Start(model, state["split"], int(state["step"]), checkpoint, state)
+    train_idx, val_idx = split_episodes(episodes, config.validation_fraction, config.seed)
+    torch.manual_seed(config.seed)
+    train_eps = [episodes[i] for i in train_idx]
+    stats = NormStats.from_arrays([e.observations for e in train_eps], [e.actions for e in train_eps], spec.discrete)
+    model_config = GroundedLMConfig(
+        env=spec.name, state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=spec.discrete,
+        backbone=_backbone_reference(backbone), finetune=config.finetune, lora=config.lora,
+        io_hidden=config.io_hidden)
+    model = GroundedLM.create(model_config, stats, llm=llm, tokenizer=tokenizer)
+    return _Start(model, {"train": train_idx, "validation": val_idx}, 0)
+
+
+def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig | None = None,
+                    resume: bool = False, llm=None, tokenizer=None, progress: bool = True,
+                    stop_after: int | None = None) -> dict:
+    """Ground ``backbone`` on ``dataset`` for ``spec``; writes ``out/model``,
+    ``out/metrics.json`` and checkpoints, and returns the metrics.
+
+    ``llm``/``tokenizer`` may be passed pre-built (tests use a tiny random model).
+    ``stop_after`` ends this session after that many steps with a checkpoint (a
+    time-sliced run); ``resume=True`` continues it on the same schedule.
+    """
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    config = config or GroundingConfig()
+    if dataset.env != spec.name:
+        raise ValueError(f"the dataset was collected in env {dataset.env!r}, not {spec.name!r}")
+    out = Path(out)
+    if llm is None:
+        resolve_backbone(backbone)  # a bad --llm is named before anything else starts
+    set_torch_threads(config.num_threads or None)
+    precision = _precision(config)
+    accelerator = make_accelerator(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    episodes = prepare_episodes(dataset, spec)
+    start = _start(spec, episodes, backbone, config, _refuse_bad_resume(out, resume, accelerator), llm, tokenizer)
+    model, split = start.model, start.split
     train_eps = [episodes[i] for i in split["train"]]
     val_eps = [episodes[i] for i in split["validation"]]
     sampler = ExampleSampler(model.prompts, train_eps, config.max_trajectory_steps)
 
     model.train()
-    optimizer = _optimizer(model, config)
-    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
-    if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(load_file(str(checkpoint / "rng.safetensors"))["torch_rng"])
-    objective = GroundingObjective(model)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    lr = config.full_lr if config.finetune == "full" else config.lr
+    optimizer = make_optimizer(model, lr, config.io_lr, config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
+    if start.checkpoint is not None:
+        restore_training_checkpoint(start.checkpoint, optimizer, scheduler, start.state)
+    objective, optimizer = accelerator.prepare(GroundingObjective(model), optimizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"grounding {spec.name} on {len(train_eps)} episodes ({len(val_eps)} held out), "
                       f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, "
-                      f"steps {start_step}->{config.steps}")
-
-    weights = config.weights
-    running: dict[str, float] = {}
-    tokens = 0  # non-padding tokens through the model in this process (for tokens/s)
+                      f"steps {start.step}->{config.steps}")
+    loop = _TrainingLoop(accelerator, objective, optimizer, scheduler, sampler, config, out, split)
     started = time.time()
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="grounding",
-               disable=not (progress and accelerator.is_main_process))
     with _training_attention(model, config.train_attention, torch.cuda.is_available()) as attention:
+        stopped = loop.run(start.step, stop_after, progress)
+    if stopped is not None:
+        return {"stopped_at": stopped, "checkpoint": str(latest_checkpoint(out))}
+    train_seconds = time.time() - started
+    metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 3),
+                     "train_tokens": loop.tokens, "tokens_per_second": round(loop.tokens / max(train_seconds, 1e-9), 1),
+                     "precision": precision, "train_attention": attention,
+                     "torch_threads": torch.get_num_threads(), "resumed_from": start.step,
+                     "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
+                     "final_running_loss": loop.running}
+    return _finish(accelerator, objective, spec, val_eps, config, out, split, metrics)
+
+
+class _TrainingLoop:
+    """The optimisation steps of one session, with periodic checkpoints."""
+
+    def __init__(self, accelerator, objective, optimizer, scheduler, sampler: ExampleSampler,
+                 config: GroundingConfig, out: Path, split: dict):
+        self.accelerator, self.objective, self.optimizer, self.scheduler = accelerator, objective, optimizer, scheduler
+        self.sampler, self.config, self.out, self.split = sampler, config, out, split
+        self.model = accelerator.unwrap_model(objective).model
+        self.running: dict[str, float] = {}
+        self.tokens = 0  # non-padding tokens through the model in this process (for tokens/s)
+
+    def run(self, first_step: int, stop_after: int | None, progress: bool) -> int | None:
+        """Steps ``first_step``..``config.steps``; returns the step a time-sliced session
+        stopped at (after checkpointing it), or None when the run is complete."""
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="grounding",
+                   disable=not (progress and accelerator.is_main_process))
         for step in bar:
             for micro in range(config.grad_accum):
-                rng = step_rng(config.seed, step, micro, accelerator.process_index)
-                task = choose_task(weights, rng)
-                examples = sampler.batch(task, rng, config.batch_tokens, config.max_batch_size)
-                batch = collate(examples, model.pad_token_id)
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                tokens += int(batch["attention_mask"].sum())
-                # accumulate(): no gradient sync, no optimizer step and a loss divided by
-                # grad_accum until the last micro-batch (DeepSpeed counts the same way)
-                with accelerator.accumulate(objective):
-                    with accelerator.autocast():
-                        losses = objective(batch)
-                    accelerator.backward(losses["total"])
-                    if accelerator.sync_gradients:
-                        if config.max_grad_norm:
-                            accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                value = float(losses["total"].detach())
-                running[task] = value if task not in running else 0.9 * running[task] + 0.1 * value
-            bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()})
+                self._micro_step(step, micro)
+            bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in self.running.items()})
             done = step + 1
             stopping = stop_after is not None and done >= stop_after and done < config.steps
             periodic = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps
             if periodic or stopping:
-                with _full_weights(accelerator, objective):
+                with full_weights(accelerator, self.objective):
                     if accelerator.is_main_process:
-                        _save_checkpoint(out, done, accelerator.unwrap_model(objective).model, optimizer, scheduler,
-                                         config, split)
+                        save_training_checkpoint(self.out, done, self.model, self.optimizer, self.scheduler,
+                                                 {"config": config.to_json(), "split": self.split},
+                                                 config.keep_checkpoints)
             accelerator.wait_for_everyone()
             if stopping:
                 bar.close()
-                return {"stopped_at": done, "checkpoint": str(latest_checkpoint(out))}
-    bar.close()
-    train_seconds = time.time() - started
+                return done
+        bar.close()
+        return None
 
+    def _micro_step(self, step: int, micro: int) -> None:
+        config, accelerator = self.config, self.accelerator
+        rng = step_rng(config.seed, step, micro, accelerator.process_index)
+        task = choose_task(config.weights, rng)
+        examples = self.sampler.batch(task, rng, config.batch_tokens, config.max_batch_size)
+        batch = collate(examples, self.model.pad_token_id)
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.tokens += int(batch["attention_mask"].sum())
+        # accumulate(): no gradient sync, no optimizer step and a loss divided by
+        # grad_accum until the last micro-batch (DeepSpeed counts the same way)
+        with accelerator.accumulate(self.objective):
+            with accelerator.autocast():
+                losses = self.objective(batch)
+            accelerator.backward(losses["total"])
+            if accelerator.sync_gradients:
+                if config.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.objective.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        value = float(losses["total"].detach())
+        self.running[task] = value if task not in self.running else 0.9 * self.running[task] + 0.1 * value
+
+
+def _finish(accelerator, objective, spec, val_eps, config: GroundingConfig, out: Path, split: dict,
+            metrics: dict) -> dict:
+    """Save the model, measure it on the held-out episodes, write the metrics and drop
+    the checkpoints."""
     model = accelerator.unwrap_model(objective).model
-    metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 3),
-                     "train_tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-                     "precision": precision, "train_attention": attention,
-                     "torch_threads": torch.get_num_threads(), "resumed_from": start_step,
-                     "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
-                     "final_running_loss": running}
     # Every process evaluates (identical work): under ZeRO-3 each forward gathers the
     # sharded weights collectively, so rank 0 cannot run one alone.
-    with _full_weights(accelerator, objective):
+    with full_weights(accelerator, objective):
         if accelerator.is_main_process:
             model.save(out / "model")
             write_json_atomic(out / "grounding_config.json", config.to_json())
             write_json_atomic(out / "split.json", split)
     if val_eps:
         eval_started = time.time()
-        metrics.update(evaluate_grounding(model, spec, val_eps, config))
+        horizon = config.generation_max_steps or min(2 * config.max_trajectory_steps, spec.max_episode_steps)
+        metrics.update(evaluate_grounding(model, spec, val_eps, bf16=_precision(config) == "bf16",
+                                          seed=config.seed, window=config.max_trajectory_steps, horizon=horizon,
+                                          batch_size=config.eval_batch_size, max_episodes=config.eval_episodes,
+                                          max_new_tokens=config.explanation_max_tokens))
         metrics["eval_seconds"] = round(time.time() - eval_started, 1)
     if accelerator.is_main_process:
         write_json_atomic(out / "metrics.json", _json_safe(metrics))
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return metrics
-
-
-def evaluate_grounding(model: GroundedLM, spec, val_eps, config: GroundingConfig) -> dict:
-    """Held-out metrics (see :mod:`kalm.grounding.metrics`)."""
-    model.eval()
-    with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
-                        enabled=_precision(config) == "bf16"):
-        metrics = dynamics_mse(model, val_eps, seed=config.seed)
-        try:
-            val_sampler = ExampleSampler(model.prompts, val_eps, config.max_trajectory_steps, validation=True)
-        except ValueError:
-            return metrics  # no successful held-out episode: nothing to explain or generate
-        metrics.update(explanation_accuracy(model, spec, val_sampler, config.eval_batch_size,
-                                            config.explanation_max_tokens, config.eval_episodes))
-        horizon = config.generation_max_steps or min(2 * config.max_trajectory_steps, spec.max_episode_steps)
-        metrics.update(generation_success(model, val_sampler, horizon, config.eval_batch_size, config.eval_episodes,
-                                          config.seed))
-    return metrics
-
-
-def _full_weights(accelerator, module):
-    """A context in which ``module`` holds its whole weights: under DeepSpeed ZeRO-3
-    they are sharded across processes and gathered collectively (every process must
-    enter); otherwise nothing to do."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    return nullcontext()
 
 
 def _backbone_reference(backbone: str) -> str:
     """Embedded names stay names; paths become absolute so a checkpoint finds its base."""
-    from kalm.grounding.backbone import EMBEDDED_MODELS
-
     return backbone if str(backbone) in EMBEDDED_MODELS else str(Path(backbone).expanduser().resolve())
 
 

@@ -11,8 +11,9 @@
   is partly a guess), so ``explanation_achieved`` also counts text whose task fails
   at the trajectory's first state and holds at its last: a true description;
 - generation: rollouts from held-out start states and held-out phrasings; a rollout
-  counts when its last state satisfies the task (the task's own predicate). This is a
-  plain loop; the batched, KV-cached generator for imagination lives elsewhere.
+  counts when its last state satisfies the task (the task's own predicate), generated
+  by the plain loop of :mod:`kalm.grounding.decoding` (imagination has its own batched,
+  KV-cached generator).
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ import torch
 
 from kalm.envs.spec import goal_key, same_task
 from kalm.grounding.data import ExampleSampler, GroundingEpisode
+from kalm.grounding.decoding import greedy_text, rollout, to_device
 from kalm.grounding.prompts import collate
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -41,7 +39,7 @@ def dynamics_mse(model, episodes: list[GroundingEpisode], batch_size: int = 64, 
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         examples = [model.prompts.dynamics(e.observations[t], e.actions[t], e.observations[t + 1]) for e, t in chunk]
-        b = _to(collate(examples, model.pad_token_id), device)
+        b = to_device(collate(examples, model.pad_token_id), device)
         hidden, _ = model(model.embed_sequence(b["input_ids"], b["states"], b["actions"]), b["attention_mask"],
                           b["position_ids"])
         m = b["state_mask"]
@@ -52,36 +50,6 @@ def dynamics_mse(model, episodes: list[GroundingEpisode], batch_size: int = 64, 
     mse, copy = float(torch.cat(model_err).mean()), float(torch.cat(copy_err).mean())
     return {"dynamics_mse": mse, "copy_baseline_mse": copy, "dynamics_improvement": copy / max(mse, 1e-12),
             "dynamics_transitions": len(pairs)}
-
-
-@torch.no_grad()
-def greedy_text(model, examples, max_new_tokens: int) -> list[str]:
-    """Greedy continuation of left-padded prompts with a KV cache; placeholder tokens
-    are never emitted."""
-    device = next(model.parameters()).device
-    b = _to(collate(examples, model.pad_token_id, left_pad=True), device)
-    hidden, cache = model(model.embed_sequence(b["input_ids"], b["states"], b["actions"]), b["attention_mask"],
-                          b["position_ids"], use_cache=True)
-    mask, pos = b["attention_mask"], b["position_ids"][:, -1:]
-    eos = model.prompts.eos_token_id
-    banned = [model.state_token_id, model.action_token_id]
-    finished = torch.zeros(len(examples), dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in examples]
-    for _ in range(max_new_tokens):
-        logits = model.token_logits(hidden[:, -1]).float()
-        logits[:, banned] = -torch.inf
-        token = logits.argmax(-1)
-        for i in torch.nonzero(~finished).flatten().tolist():
-            if int(token[i]) != eos:
-                out[i].append(int(token[i]))
-        finished |= token == eos
-        if bool(finished.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos = pos + 1
-        hidden, cache = model(model.llm.get_input_embeddings()(token[:, None]), mask, pos, past_key_values=cache,
-                              use_cache=True)
-    return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
 
 def explanation_accuracy(model, spec, sampler: ExampleSampler, batch_size: int = 32, max_new_tokens: int = 32,
@@ -134,48 +102,6 @@ def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
             "explanation_equivalent_chance_among_achieved": float(np.mean(goal_chance))}
 
 
-@torch.no_grad()
-def rollout(model, instructions: list[str], initial_states: np.ndarray, max_steps: int,
-            done_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy rollouts; returns the states ``(B, max_steps+1, state_dim)`` and each
-    rollout's length (steps taken before done, or ``max_steps``)."""
-    device = next(model.parameters()).device
-    b = _to(model.build_generation_prompt(instructions, initial_states), device)
-    hidden, cache = model(model.embed_sequence(b["input_ids"], b["states"], b["actions"]), b["attention_mask"],
-                          b["position_ids"], use_cache=True)
-    mask, pos = b["attention_mask"], b["position_ids"][:, -1:]
-    state = torch.as_tensor(np.asarray(initial_states, np.float32), device=device)
-    n = state.shape[0]
-    states = [state]
-    lengths = torch.full((n,), max_steps, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    def advance(embeds):
-        nonlocal mask, pos
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        pos = pos + 1
-        return model(embeds, mask, pos, past_key_values=cache, use_cache=True)
-
-    for t in range(max_steps):
-        h = hidden[:, -1]  # at s_t: done?, then a_t
-        if t > 0:
-            stop = (torch.sigmoid(model.predict_done(h)) > done_threshold) & ~done
-            lengths[stop] = t
-            done |= stop
-            if bool(done.all()):
-                break
-        logits = model.predict_action(h)
-        action = logits.argmax(-1) if model.config.discrete else logits
-        hidden, cache = advance(model.embed_actions(action))  # at a_t: s_{t+1}
-        state = torch.where(done[:, None], state, model.predict_state(hidden[:, -1], state))
-        states.append(state)
-        hidden, cache = advance(model.embed_states(state))
-    traj = torch.stack(states, 1).cpu().numpy()
-    if traj.shape[1] < max_steps + 1:
-        pad = np.repeat(traj[:, -1:], max_steps + 1 - traj.shape[1], axis=1)
-        traj = np.concatenate([traj, pad], 1)
-    return traj, lengths.cpu().numpy()
-
-
 def generation_success(model, sampler: ExampleSampler, max_steps: int, batch_size: int = 32,
                        max_episodes: int = 100, seed: int = 0) -> dict:
     episodes = sampler.successful[:max_episodes]
@@ -192,3 +118,20 @@ def generation_success(model, sampler: ExampleSampler, max_steps: int, batch_siz
     return {"generation_success": float(np.mean(successes)) if successes else 0.0,
             "generation_mean_length": float(np.mean(lengths)) if lengths else 0.0,
             "generation_episodes": len(successes)}
+
+
+def evaluate_grounding(model, spec, episodes: list[GroundingEpisode], *, bf16: bool, seed: int, window: int,
+                       horizon: int, batch_size: int, max_episodes: int, max_new_tokens: int) -> dict:
+    """Every held-out metric of a grounded model: dynamics on ``episodes``' transitions;
+    explanation of windows of at most ``window`` steps and generation of rollouts of
+    at most ``horizon`` steps, on up to ``max_episodes`` successful episodes."""
+    model.eval()
+    with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
+        metrics = dynamics_mse(model, episodes, seed=seed)
+        try:
+            sampler = ExampleSampler(model.prompts, episodes, window, validation=True)
+        except ValueError:
+            return metrics  # no successful held-out episode: nothing to explain or generate
+        metrics.update(explanation_accuracy(model, spec, sampler, batch_size, max_new_tokens, max_episodes))
+        metrics.update(generation_success(model, sampler, horizon, batch_size, max_episodes, seed))
+    return metrics

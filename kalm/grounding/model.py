@@ -16,37 +16,37 @@ the ones that do, which is what beating the copy-the-state baseline requires.
 Token layout of a trajectory (see :mod:`kalm.grounding.prompts`): the hidden state at
 ``s_t`` gives ``a_t`` and done, the hidden state at ``a_t`` gives ``s_{t+1}``.
 
-A checkpoint directory holds ``grounding_config.json``, ``io_layers.safetensors``
-(new layers + statistics), ``tokenizer/`` and either ``adapter/`` (LoRA, applied to
-the base model named in the config) or ``llm/`` (full weights). No pickle anywhere.
+Saving and loading live in :mod:`kalm.grounding.checkpoint`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import shutil
-import tempfile
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from kalm.files import raise_naming
-from kalm.grounding.backbone import load_backbone
+from kalm.grounding.backbone import add_placeholder_tokens, load_backbone, resize_embeddings
 from kalm.grounding.prompts import PromptBuilder, collate
 
-CONFIG_FILE = "grounding_config.json"
-IO_FILE = "io_layers.safetensors"
-FORMAT_VERSION = 1
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class GroundingCheckpointError(ValueError):
-    """A grounding checkpoint is missing, malformed or belongs to another environment."""
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapters: one definition for the training recipe
+    (:class:`~kalm.grounding.finetune.GroundingConfig`) and for the checkpoint's record
+    of what was built (:class:`GroundedLMConfig`). ``targets`` that a backbone lacks
+    are skipped (at least one must exist)."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,7 @@ class GroundedLMConfig:
     discrete: bool
     backbone: str
     finetune: str = "lora"
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora: LoraSettings = field(default_factory=LoraSettings)
     io_hidden: int = 256
     state_token: str = "<|state|>"
     action_token: str = "<|action|>"
@@ -78,29 +75,6 @@ class GroundedLMConfig:
             raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.state_dim <= 0 or self.action_dim <= 0:
             raise ValueError(f"state_dim and action_dim must be positive, got {self.state_dim}, {self.action_dim}")
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    @classmethod
-    def from_json(cls, data: dict, where: str) -> GroundedLMConfig:
-        known = {f.name for f in fields(cls)}
-        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
-        if missing:
-            raise GroundingCheckpointError(f"{where}: missing config field {missing[0]!r}")
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise GroundingCheckpointError(f"{where}: unknown config field {unknown[0]!r}")
-        try:
-            values = {k: v for k, v in data.items() if k in known}
-            if "lora_targets" in values:
-                values["lora_targets"] = tuple(values["lora_targets"])
-            return cls(**values)
-        except TypeError as exc:
-            raise GroundingCheckpointError(f"{where}: malformed config ({exc})") from exc
-
 
 @dataclass(frozen=True)
 class NormStats:
@@ -194,26 +168,6 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def add_placeholder_tokens(tokenizer, tokens: tuple[str, ...]) -> None:
-    """Add the placeholder tokens as special tokens (a no-op when already present)."""
-    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-
-
-def _resize_embeddings(llm, new_size: int) -> None:
-    """Grow the vocabulary; new rows get the mean embedding (deterministic, so a LoRA
-    checkpoint rebuilt on the base model matches the trained one exactly)."""
-    old = llm.get_input_embeddings().weight.shape[0]
-    if new_size <= old:
-        return
-    llm.resize_token_embeddings(new_size, mean_resizing=False)
-    with torch.no_grad():
-        for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
-            if emb is not None and emb.weight.shape[0] == new_size:
-                emb.weight[old:] = emb.weight[:old].mean(0)
-
-
 def _lora_targets(llm, wanted: tuple[str, ...]) -> list[str]:
     present = {name.rsplit(".", 1)[-1] for name, _ in llm.named_modules()}
     targets = [t for t in wanted if t in present]
@@ -263,7 +217,7 @@ class GroundedLM(nn.Module):
         base_vocab = llm.get_input_embeddings().weight.shape[0]
         config = replace(config, base_vocab_size=int(base_vocab))
         add_placeholder_tokens(tokenizer, (config.state_token, config.action_token))
-        _resize_embeddings(llm, len(tokenizer))
+        resize_embeddings(llm, len(tokenizer))
         rms = float(llm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
         io = IOLayers(config, llm.config.hidden_size, rms, stats)
         llm = cls._prepare_finetuning(llm, config)
@@ -276,8 +230,9 @@ class GroundedLM(nn.Module):
             return llm
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=_lora_targets(llm, config.lora_targets), bias="none")
+        settings = config.lora
+        lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                          target_modules=_lora_targets(llm, settings.targets), bias="none")
         return get_peft_model(llm, lora)
 
     @property
@@ -403,11 +358,9 @@ class GroundedLM(nn.Module):
 
         Why: a cached generation step feeds one token per row, so it streams every
         weight from memory for a few dozen tokens; bf16 halves those bytes and runs on
-        the CPU's bf16 units. Measured with the grounded SmolLM2 (2 cores, side by side):
-        128 five-step rollouts at 20.1 rollouts/s in fp32 and 46.9 in bf16 (92 % of the
-        greedy actions identical); 2,400 imagined rephrase rollouts kept 402 (73 % real on
-        replay) in fp32 and 405 (71 %) in bf16. The cast cannot be undone without loss,
-        so a bf16 model refuses :meth:`save`.
+        the CPU's bf16 units (2.3x the rollouts/s on 2 cores, with as many imagined
+        rollouts kept; docs/imagination.md). The cast cannot be undone without loss, so a
+        bf16 model refuses :meth:`save`.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -422,136 +375,15 @@ class GroundedLM(nn.Module):
 
     # ---------------------------------------------------------------- save / load
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the checkpoint atomically (a temp directory renamed into place)."""
-        from safetensors.torch import save
+        """Write the checkpoint atomically (see :func:`kalm.grounding.checkpoint.save_grounded`)."""
+        from kalm.grounding.checkpoint import save_grounded
 
-        if self.merged:
-            raise ValueError("this model's LoRA weights were merged for inference (merge_lora); "
-                             "save the model before merging")
-        if self.inference_dtype != torch.float32:
-            raise ValueError("this model was cast to bf16 for inference (use_inference_precision); "
-                             "save the model before casting")
-
-        out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            meta = {"format": FORMAT_VERSION, **self.config.to_json()}
-            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            # serialised in memory, written with plain file I/O: a full disk is an OSError
-            (staging / IO_FILE).write_bytes(
-                save({k: v.detach().contiguous().cpu() for k, v in self.io.state_dict().items()}))
-            self.tokenizer.save_pretrained(staging / "tokenizer")
-            if self.config.finetune == "lora":
-                self.llm.save_pretrained(staging / "adapter", save_embedding_layers=False)
-            else:
-                self.llm.save_pretrained(staging / "llm")
-            staging.chmod(0o755)
-            _swap_into_place(staging, out)
-        except OSError as exc:
-            raise_naming(exc, out)
-        except Exception as exc:
-            # safetensors (peft's adapter) and the Rust tokenizers report a failed write
-            # (disk full) with their own exception types; name the checkpoint instead
-            raise OSError(f"cannot write {out}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return out
+        return save_grounded(self, directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, spec=None, trainable: bool = False, backbone: str | None = None
              ) -> GroundedLM:
-        """Restore a checkpoint; with ``spec`` given, refuse one made for other shapes.
+        """Restore a checkpoint (see :func:`kalm.grounding.checkpoint.load_grounded`)."""
+        from kalm.grounding.checkpoint import load_grounded
 
-        ``backbone`` overrides the base model a LoRA checkpoint is applied to (when
-        the original path moved).
-        """
-        path = Path(directory)
-        try:
-            return cls._load(path, spec, trainable, backbone)
-        except (GroundingCheckpointError, OSError):
-            raise
-        except Exception as exc:  # safetensors, tokenizers, peft and json raise their own classes
-            raise GroundingCheckpointError(
-                f"{path}: damaged grounding checkpoint ({type(exc).__name__}: {exc})") from exc
-
-    @classmethod
-    def _load(cls, path: Path, spec, trainable: bool, backbone: str | None) -> GroundedLM:
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise GroundingCheckpointError(f"not a grounding checkpoint (no {CONFIG_FILE}): {path}")
-        try:
-            meta = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GroundingCheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise GroundingCheckpointError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
-        if meta.pop("format", None) != FORMAT_VERSION:
-            raise GroundingCheckpointError(f"{config_path}: unsupported checkpoint format")
-        config = GroundedLMConfig.from_json(meta, str(config_path))
-        if spec is not None:
-            check_compatible(config, spec, path)
-        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-        if config.finetune == "full":
-            llm = AutoModelForCausalLM.from_pretrained(str(path / "llm"), dtype=torch.float32)
-        else:
-            from peft import PeftModel
-
-            llm, _ = load_backbone(backbone or config.backbone)
-            if config.base_vocab_size and llm.get_input_embeddings().weight.shape[0] != config.base_vocab_size:
-                raise GroundingCheckpointError(
-                    f"{path}: the base model {backbone or config.backbone} has a different vocabulary than the one "
-                    "this adapter was trained on")
-            _resize_embeddings(llm, len(tokenizer))
-            llm = PeftModel.from_pretrained(llm, str(path / "adapter"), is_trainable=trainable)
-        io_path = path / IO_FILE
-        if not io_path.is_file():
-            raise GroundingCheckpointError(f"{io_path}: missing (the checkpoint has no trajectory I/O layers)")
-        try:
-            io_state = load_file(str(io_path))
-        except Exception as exc:  # SafetensorError is not an OSError
-            raise GroundingCheckpointError(f"{io_path}: not a readable safetensors file ({exc})") from exc
-        stat_names = ("state_mean", "state_std", "delta_std", "action_mean", "action_std")
-        missing = [k for k in stat_names if k not in io_state]
-        if missing:
-            raise GroundingCheckpointError(f"{io_path}: missing tensor {missing[0]!r}")
-        stats = NormStats(**{k: io_state[k].numpy() for k in ("state_mean", "state_std", "delta_std",
-                                                                "action_mean", "action_std")})
-        io = IOLayers(config, llm.config.hidden_size, 1.0, stats)
-        try:
-            io.load_state_dict(io_state, strict=True)
-        except RuntimeError as exc:
-            raise GroundingCheckpointError(f"{path / IO_FILE}: does not match the config ({exc})") from exc
-        model = cls(llm, tokenizer, config, io)
-        if not trainable:
-            model.eval()
-        return model
-
-
-def check_compatible(config: GroundedLMConfig, spec, where) -> None:
-    """Refuse a checkpoint whose state/action shapes differ from the env's."""
-    ours = (config.state_dim, config.action_dim, config.discrete)
-    theirs = (spec.state_dim, spec.action_dim, spec.discrete)
-    if ours != theirs:
-        def describe(s, a, d):
-            return f"state_dim {s}, {a} {'discrete actions' if d else '-dim continuous actions'}"
-
-        raise GroundingCheckpointError(
-            f"the grounding checkpoint {where} was trained for env {config.env!r} ({describe(*ours)}); "
-            f"env {spec.name!r} has {describe(*theirs)}")
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and
-    deleted only after the new one is in place."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+        return load_grounded(directory, spec, trainable, backbone)

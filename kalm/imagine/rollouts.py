@@ -134,7 +134,7 @@ def sample_prompts(
 def _explains_back(model, spec: EnvSpec, episodes, tasks) -> list[bool | None]:
     """Whether the LLM's explanation of each rollout parses to its task (None: this
     kind of task cannot be read from text, so the check does not apply)."""
-    from kalm.grounding.metrics import greedy_text
+    from kalm.grounding.decoding import greedy_text
 
     verdicts: list[bool | None] = []
     for start in range(0, len(episodes), 16):

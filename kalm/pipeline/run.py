@@ -1,0 +1,71 @@
+"""``kalm run``: the whole KALM experiment as cached, resumable stages.
+
+collect real data -> ground the LLM -> imagine rollouts per novel level -> train the
+offline-RL baseline (real only) and KALM (real + imagined) with the same algorithm,
+steps and seeds -> evaluate both, and the LLM itself as a policy, on all four levels
+-> write ``run.json`` (which stage directories this run used) and the report, which
+:mod:`kalm.report` builds from the run directory alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kalm.files import write_json_atomic
+from kalm.pipeline.cache import RunLock, StageCache
+from kalm.pipeline.experiment import PipelineConfig, check_config
+from kalm.pipeline.stages import (
+    GroundedModel,
+    collect_stage,
+    ground_stage,
+    imagine_stage,
+    llm_policy_stage,
+    policy_stages,
+    showcase_stage,
+)
+
+MANIFEST = "run.json"
+
+
+def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
+    """Run (or resume) the experiment in ``out`` and return the report's path."""
+    from kalm.report import write_report
+
+    spec = check_config(config)
+    out = Path(out)
+    with RunLock(out):
+        (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+        cache = StageCache(out / "stages")
+        real = collect_stage(cache, spec, config)
+        grounded = ground_stage(cache, spec, config, real)
+        model = GroundedModel(grounded, spec, config.imagine.precision)
+        imagined = [imagine_stage(cache, spec, config, model, level) for level in config.levels]
+        policies = policy_stages(cache, config, real, imagined)
+        llm_evaluation = llm_policy_stage(cache, spec, config, model)
+        show = showcase_stage(cache, spec, config, policies[("kalm", config.seeds[0])][0], imagined)
+
+        def names(method: str, which: int) -> list[str]:
+            return [policies[(method, seed)][which].path.name for seed in config.seeds]
+
+        manifest = {
+            "title": f"KALM on {spec.name} with {config.llm}",
+            "env": spec.name,
+            "algo": config.train.algo,
+            "seeds": list(config.seeds),
+            "eval_episodes": config.eval_episodes,
+            "llm_policy_episodes": config.llm_policy_episodes,
+            "grounded_model": config.grounded_model,
+            "stages": {
+                "collect": real.path.name,
+                "ground": grounded.path.name,
+                "imagine": {s.name.removeprefix("imagine-"): s.path.name for s in imagined},
+                "train": {method: names(method, 0) for method in ("baseline", "kalm")},
+                "evaluate": {method: names(method, 1) for method in ("baseline", "kalm")},
+                "llm-policy": llm_evaluation.path.name,
+                "showcase": show.path.name,
+            },
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+        return write_report(out)

@@ -1,0 +1,237 @@
+"""The stages of ``kalm run``, each cached in ``<out>/stages/<name>-<key>/``.
+
+A stage's key covers its config, the keys of the stages it reads and the code that
+computes it (:mod:`kalm.pipeline.cache`): a rerun after a crash or a change redoes only
+what changed. Long stages (grounding, policy training) checkpoint inside their partial
+directory and resume there. This module only wires configs and files between the
+library's functions; what a stage computes lives in the modules its ``code`` names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from kalm.data.collect import collect_to_file
+from kalm.data.episodes import load_episodes, save_episodes
+from kalm.envs import get_spec
+from kalm.envs.spec import EnvSpec
+from kalm.evaluation.evaluate import evaluate, resolve_levels
+from kalm.evaluation.policies import TrainedPolicy
+from kalm.files import read_json
+from kalm.pipeline.cache import StageCache, StageOutput, directory_digest
+from kalm.pipeline.experiment import PipelineConfig
+from kalm.threads import free_cores, set_torch_threads
+
+# Settings that change how fast grounding runs, not what it produces: not in its key.
+RUNTIME_ONLY = frozenset({"num_threads", "eval_batch_size", "train_attention"})
+
+
+def _as_json(obj) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+
+
+def collect_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) -> StageOutput:
+    def build(work: Path):
+        dataset = collect_to_file(spec, config.collect, work / "real.h5")
+        return {"episodes": len(dataset.episodes), "success_rate": dataset.success_rate}
+
+    return cache.run("collect", {"env": spec.name, "collect": _as_json(config.collect)}, build,
+                     code=["kalm.data.collect"])
+
+
+def ground_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput | None) -> StageOutput:
+    if config.grounded_model:
+        return adopt_grounded_stage(cache, spec, Path(config.grounded_model))
+    from kalm.grounding.finetune import train_grounding
+
+    def build(work: Path):
+        dataset = load_episodes(real.path / "real.h5", spec)
+        resume = (work / "checkpoints").exists()
+        return train_grounding(spec, dataset, config.llm, work, config.grounding, resume=resume)
+
+    settings = {k: v for k, v in config.grounding.to_json().items() if k not in RUNTIME_ONLY}
+    return cache.run("ground", {"llm": config.llm, "grounding": settings}, build, {"real": real.key},
+                     code=["kalm.grounding.finetune"])
+
+
+def adopt_grounded_stage(cache: StageCache, spec: EnvSpec, source: Path) -> StageOutput:
+    """The ground stage for a model grounded elsewhere: a copy, keyed by its content, so
+    a changed model redoes everything downstream. Its ``metrics.json`` (written beside
+    ``model/`` by ``kalm ground``) becomes the stage summary shown in the report."""
+
+    def build(work: Path):
+        from kalm.grounding.checkpoint import load_grounded
+
+        shutil.copytree(source, work / "model")
+        load_grounded(work / "model", spec)  # a damaged copy is refused before the stage is trusted
+        metrics = source.parent / "metrics.json"
+        summary = read_json(metrics, "grounding metrics") if metrics.is_file() else {}
+        return {**summary, "adopted_from": str(source.resolve())}
+
+    return cache.run("ground", {"grounded_model": directory_digest(source)}, build,
+                     code=["kalm.grounding.checkpoint"])
+
+
+class GroundedModel:
+    """The run's grounded model, loaded once (LoRA merged, in the inference precision)
+    by whichever stage needs it first; torch threads are set for each stage that asks,
+    since a cached grounding stage never set them."""
+
+    def __init__(self, stage: StageOutput, spec: EnvSpec, precision: str):
+        self.stage, self.spec, self.precision = stage, spec, precision
+        self._model = None
+
+    def get(self):
+        set_torch_threads()
+        if self._model is None:
+            from kalm.grounding.checkpoint import load_grounded
+
+            try:
+                model = load_grounded(self.stage.path / "model", self.spec).merge_lora()
+            except ValueError as exc:
+                raise ValueError(f"{exc}; delete the stage directory {self.stage.path} to rebuild it") from None
+            self._model = model.use_inference_precision(self.precision)
+        return self._model
+
+
+def imagine_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, model: GroundedModel,
+                  level: str) -> StageOutput:
+    from kalm.evaluation.imagined import replay_imagined
+    from kalm.imagine.rollouts import PROMPT_DRAW, imagine
+
+    imagine_config = config.levels[level].imagine_config(config.imagine, level)
+
+    def build(work: Path):
+        result = imagine(model.get(), spec, imagine_config)
+        if result.dataset is not None:
+            save_episodes(result.dataset, work / "imagined.h5")
+        # audit only: the replay never changes what was kept
+        return {**result.stats, "replay": replay_imagined(spec, result.dataset)}
+
+    return cache.run(f"imagine-{level}", {**_as_json(imagine_config), "prompt_draw": PROMPT_DRAW}, build,
+                     {"model": model.stage.key}, code=["kalm.imagine.rollouts", "kalm.evaluation.imagined",
+                                                       "kalm.grounding.checkpoint"])
+
+
+def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: int, real: StageOutput,
+                imagined: list[StageOutput], progress: bool = True) -> StageOutput:
+    from kalm.offline.train import train
+
+    train_config = replace(config.train, seed=seed)
+
+    def build(work: Path):
+        policy = work / "policy"
+        resume = policy.is_dir() and any(policy.iterdir())  # a kill can come before the first checkpoint
+        files = [s.path / "imagined.h5" for s in imagined if (s.path / "imagined.h5").exists()]
+        result = train(real.path / "real.h5", policy, train_config, imaginary=files, resume=resume,
+                       progress=progress)
+        return {"steps": result.steps, "seconds": result.seconds}
+
+    inputs = {"real": real.key, **{s.name: s.key for s in imagined}}
+    return cache.run(f"train-{method}-s{seed}", {"train": train_config.to_json(), "method": method}, build, inputs,
+                     code=["kalm.offline.train"])
+
+
+def plan_seed(config: PipelineConfig, training_seed: int) -> int:
+    """The evaluation plan (instructions and start states) for one training seed.
+
+    Baseline and KALM policies of the same training seed face the same episodes (a
+    paired comparison), while each seed gets its own draw: pooling the seeds then pools
+    independent episodes, which the confidence intervals assume. With one plan for
+    every seed, a few hundred rephrasings would decide the rephrase level."""
+    return config.eval_seed + training_seed
+
+
+def evaluate_stage(cache: StageCache, spec: EnvSpec, name: str, make_policy: Callable, episodes: int,
+                   plan: int, inputs: Mapping[str, str], code: list[str], progress: bool = True) -> StageOutput:
+    def build(work: Path):
+        levels = resolve_levels(spec, "all", plan)
+        results = evaluate(make_policy(), spec, levels, episodes, plan, progress=progress)
+        (work / "results.json").write_text(json.dumps(results))
+        return {level: r["success_rate"] for level, r in results["levels"].items()}
+
+    return cache.run(f"evaluate-{name}", {"episodes": episodes, "seed": plan}, build, inputs,
+                     code=["kalm.evaluation.evaluate", *code])
+
+
+def llm_policy_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, model: GroundedModel) -> StageOutput:
+    """The grounded LLM itself as the policy, on every level."""
+
+    def make_policy():
+        from kalm.imagine.llm_policy import LLMPolicy
+
+        return LLMPolicy(model.get())
+
+    precision = config.imagine.precision
+    return evaluate_stage(cache, spec, "llm-policy", make_policy, config.llm_policy_episodes, config.eval_seed,
+                          {"model": model.stage.key, "precision": precision},
+                          ["kalm.imagine.llm_policy", "kalm.grounding.checkpoint"])
+
+
+def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, real: StageOutput,
+               imagined: list[StageOutput], progress: bool = True) -> tuple[StageOutput, StageOutput]:
+    """Train one offline-RL policy and evaluate it: ``(train stage, evaluation stage)``.
+    Top-level so a worker process can run it; both stages are cached as usual."""
+    cache, spec = StageCache(stages), get_spec(config.env)
+    stage = train_stage(cache, config, method, seed, real, imagined, progress)
+    evaluation = evaluate_stage(cache, spec, f"{method}-s{seed}", lambda: TrainedPolicy(stage.path / "policy"),
+                                config.eval_episodes, plan_seed(config, seed), {"policy": stage.key},
+                                ["kalm.evaluation.policies"], progress)
+    return stage, evaluation
+
+
+def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
+                  imagined: list[StageOutput]) -> dict[tuple[str, int], tuple[StageOutput, StageOutput]]:
+    """Every (method, seed) policy trained and evaluated: ``{(method, seed): (train, evaluation)}``.
+
+    Why processes: d3rlpy's networks are small, so a training run (and the simulator in
+    evaluation) keeps one core busy and no more; with two cores idle, two policies
+    train and evaluate at once in spawned workers (one torch thread each), which nearly
+    halves this part of the run. With one idle core they run here, in order, with their
+    own progress bars.
+    """
+    jobs = [(method, seed, extra) for seed in config.seeds for method, extra in (("baseline", []), ("kalm", imagined))]
+    workers = min(len(jobs), free_cores())
+    if workers < 2:
+        return {(m, s): policy_job(cache.root, config, m, s, real, extra) for m, s, extra in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    done = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(policy_job, cache.root, config, m, s, real, extra, False): (m, s)
+                   for m, s, extra in jobs}
+        with tqdm(total=len(jobs), desc=f"train + evaluate policies ({workers} at once)", unit="policy") as bar:
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update()
+    return {(m, s): done[(m, s)] for m, s, _ in jobs}
+
+
+def showcase_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, policy: StageOutput,
+                   imagined: list[StageOutput]) -> StageOutput:
+    """A few imagined rollouts next to the KALM policy's real execution of the same
+    instruction from the same start (``showcase.json`` and one GIF each)."""
+    from kalm.evaluation.showcase import write_showcase
+
+    def build(work: Path):
+        files = [s.path / "imagined.h5" for s in imagined if (s.path / "imagined.h5").exists()]
+        per_file = max(1, config.showcases // max(len(imagined), 1))
+        episodes = []
+        for path in files:
+            kept = load_episodes(path, spec).episodes
+            episodes += ([e for e in kept if e.terminated] or list(kept))[:per_file]
+        rows = write_showcase(spec, TrainedPolicy(policy.path / "policy"), episodes, work)
+        return {"rollouts": len(rows)}
+
+    return cache.run("showcase", {"n": config.showcases}, build,
+                     {"policy": policy.key, **{s.name: s.key for s in imagined}},
+                     code=["kalm.evaluation.showcase", "kalm.evaluation.policies"])
