@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from minari.data_collector import EpisodeBuffer
 from minari.dataset._storages.hdf5_storage import HDF5Storage
+from typer.testing import CliRunner
 
+from kalm.cli import app
 from kalm.data.collect import collect_expert
 from kalm.data.episodes import DatasetError, EpisodeDataset, load_episodes, save_episodes
 from kalm.data.minari import export_minari, import_minari
@@ -169,3 +171,23 @@ def test_damaged_episodes_are_refused(clevr, tmp_path, tamper, message) -> None:
     with pytest.raises(DatasetError, match=f"Minari dataset '{ID}', episode {target}: {message}"):
         import_minari(ID, root=tmp_path)
 
+
+def test_cli_export_and_import(clevr, tmp_path) -> None:
+    source = save_episodes(clevr, tmp_path / "expert.h5")
+    root = tmp_path / "minari"
+    export = ["data", "export-minari", str(source), "--id", ID, "--root", str(root)]
+    result = CliRunner().invoke(app, export)
+    assert result.exit_code == 0, result.output
+    assert f"Minari dataset {ID}" in result.output and "5 episodes" in result.output
+
+    again = CliRunner().invoke(app, export)
+    assert again.exit_code == 2 and "already exists" in again.output and len(again.output.strip().splitlines()) == 1
+    assert CliRunner().invoke(app, [*export, "--overwrite"]).exit_code == 0
+
+    out = tmp_path / "back.h5"
+    result = CliRunner().invoke(app, ["data", "import-minari", ID, "--out", str(out), "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert_same_episodes(load_episodes(out), clevr)
+
+    missing = CliRunner().invoke(app, ["data", "import-minari", "kalm/missing-v0", "--out", str(out), "--root", str(root)])
+    assert missing.exit_code == 2 and "no Minari dataset 'kalm/missing-v0'" in missing.output
