@@ -106,6 +106,46 @@ def inspect(path: Path = typer.Argument(..., help="Episode file (HDF5).")) -> No
     typer.echo(text)
 
 
+@data_app.command("export-minari")
+def export_minari_cmd(
+    path: Path = typer.Argument(..., help="Episode file (HDF5)."),
+    dataset_id: str = typer.Option(..., "--id", help="Minari dataset id: NAMESPACE/NAME-vN."),
+    root: Path = typer.Option(None, help="Minari datasets directory (default: $MINARI_DATASETS_PATH, "
+                                         "else ~/.minari/datasets)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a Minari dataset with the same id."),
+) -> None:
+    """Write an episode file as a Minari dataset (instructions and tasks in its episode metadata)."""
+    try:
+        from kalm.data.minari import export_minari
+
+        created = export_minari(path, dataset_id, root=root, overwrite=overwrite)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote Minari dataset {dataset_id}: {created.total_episodes} episodes, "
+               f"{created.total_steps} steps, in {created.storage.data_path.parent}")
+
+
+@data_app.command("import-minari")
+def import_minari_cmd(
+    dataset_id: str = typer.Argument(..., help="Minari dataset id written by `kalm data export-minari`."),
+    out: Path = typer.Option(..., help="Episode file to write (HDF5)."),
+    root: Path = typer.Option(None, help="Minari datasets directory (default: $MINARI_DATASETS_PATH, "
+                                         "else ~/.minari/datasets)."),
+) -> None:
+    """Read a Minari dataset written by export-minari back into an episode file."""
+    try:
+        from kalm.data.episodes import save_episodes
+        from kalm.data.minari import import_minari
+        from kalm.data.summary import summarize
+
+        dataset = import_minari(dataset_id, root=root)
+        save_episodes(dataset, out)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(summarize(dataset, max_tasks=0))
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def ground(
     env: str = typer.Option("clevr", help="Environment name."),
