@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
-data_app = typer.Typer(no_args_is_help=True, help="Dataset utilities (import, inspect).")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset utilities (import, inspect, Minari export and import).")
 app.add_typer(data_app, name="data")
 
 _DEBUG = False
