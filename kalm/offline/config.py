@@ -48,15 +48,10 @@ class TrainConfig:
             ``pooled`` draws uniformly over all their transitions, ``per_source``
             gives each file an equal part (see :mod:`kalm.offline.buffers`).
             Neither wins everywhere, so the plain default is ``pooled`` (the files'
-            natural proportions) and a pipeline chooses by measurement. CLEVR (BC,
-            3 seeds): at a 20-30 % imagined share, split, a small poor source (43
-            hard rollouts, 30 % real) was repeated hundreds of times and hard fell to
-            1.8-2.6 % against a 3.9 % baseline; at 10 %, with ~1,500 rephrase rollouts
-            that pooled would take three quarters of the share, split raised easy
-            (58.4 to 68.9 %), hard (4.2 to 7.0 %) and rephrase (44.8 to 45.8 %) with
-            the default grounding, so ``clevr-default`` splits; with a weak grounding
-            (48 hard rollouts) hard fell to 2.4 % split against 2.9 % pooled (README,
-            *How much rephrase data*).
+            natural proportions) and a pipeline chooses by measurement: split, a
+            small poor source is repeated hundreds of times at a large imagined
+            share; pooled, a large source crowds out the others. ``clevr-default``
+            splits a 10 % share (docs/results.md, *How much rephrase data*).
         encoder: the instruction encoder (see :mod:`kalm.offline.encoder`).
         hidden_units: the MLP every network uses.
         cql_alpha: weight of CQL's conservative term.

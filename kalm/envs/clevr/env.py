@@ -6,7 +6,7 @@ by its motors along that direction for 40 physics substeps (0.4 s). Scene consta
 follow the original environment used by KALM (kalm-reference §1) so that transitions
 compare with the published data.
 
-Two deliberate departures from the original, both documented in the README:
+Two deliberate departures from the original, both documented in docs/clevr-robot.md:
 - Reset samples ball centres only where the walls let them be (|x| <= 0.47,
   y in [-0.17, 0.5]); the original sampled y down to -0.3 and x to +-0.5, so most of
   its episodes began with a ball inside a wall that the first push shoved out.
