@@ -32,7 +32,8 @@ _API = {
     "ground": ("kalm.grounding.finetune", "train_grounding"),
     "GroundedLM": ("kalm.grounding.model", "GroundedLM"),
     "ImagineConfig": ("kalm.imagine.rollouts", "ImagineConfig"),
-    "imagine": ("kalm.imagine.rollouts", "imagine"),
+    # not "imagine": importing the kalm.imagine package binds that name to the package
+    "imagine_rollouts": ("kalm.imagine.rollouts", "imagine"),
     "TrainConfig": ("kalm.offline.config", "TrainConfig"),
     "train_policy": ("kalm.offline.train", "train"),
     "evaluate_policy": ("kalm.evaluation.evaluate", "evaluate_policy"),

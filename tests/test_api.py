@@ -19,9 +19,13 @@ def test_import_kalm_registers_the_gymnasium_ids():
 
 
 def test_every_public_name_resolves_and_import_kalm_stays_light():
-    code = "import sys, kalm; print('torch' in sys.modules); [getattr(kalm, n) for n in kalm.__all__]; print('ok')"
+    # after every subpackage is imported too: a public name that a subpackage shares
+    # would then be the module, not the function
+    code = ("import sys, types, kalm; print('torch' in sys.modules); "
+            "import kalm.data, kalm.grounding, kalm.imagine, kalm.offline, kalm.evaluation, kalm.pipeline, kalm.report; "
+            "print([n for n in kalm.__all__[1:] if isinstance(getattr(kalm, n), types.ModuleType)])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "ok"]
+    assert out.stdout.split() == ["False", "[]"]
 
 
 def test_the_readme_python_example_runs(tiny_backbone, tmp_path, monkeypatch):

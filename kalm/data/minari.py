@@ -29,6 +29,11 @@ Layout of an exported dataset (minari 0.5, hdf5 data format):
 * the observation space is an unbounded Box of ``state_dim``: imagined states are not
   promised to stay inside the env's observation box, and an unbounded one is true of
   every kalm dataset (the workbench is ``spec.state_low/state_high``).
+
+d3rlpy users: d3rlpy 2.8's ``datasets.get_minari`` pairs each episode's T+1
+observations with its T actions (every later episode shifted) and infers the number of
+discrete actions from the largest one seen; read the dataset with :func:`import_minari`
+and build the buffer with :func:`kalm.offline.buffers.build_replay_buffer` instead.
 """
 
 from __future__ import annotations
