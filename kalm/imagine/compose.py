@@ -9,8 +9,8 @@ training phrasing of one part and starts from the imagined state where the previ
 segment ended; the whole chain is labelled with the composite instruction. The task
 structure comes from the task itself (:func:`kalm.envs.spec.subgoals`), as the success
 predicate that labels every imagined rollout does; every state and action comes from
-the LLM. With these chains, ``kalm run --config clevr-default`` raised CLEVR hard
-success from 3.9 % (baseline) to 6.4 % (docs/results.md).
+the LLM. With these chains, KALM's CLEVR hard success in ``kalm run --config
+clevr-default`` was 6.4 % against the baseline's 3.9 % (docs/results.md).
 """
 from __future__ import annotations
 
