@@ -1,9 +1,9 @@
 """The names that identify an episode file, and the error raised for anything malformed.
 
-They sit in a module of their own because both sides of the format need them: the
-writer and the in-memory episodes (:mod:`kalm.data.episodes`) and the validating
-reader (:mod:`kalm.data.episode_reader`), which :mod:`kalm.data.episodes` imports.
-Here, imports run one way. The layout itself is described in :mod:`kalm.data.episodes`.
+Both sides of the format need them: :mod:`kalm.data.episodes` (the episodes in memory
+and the writer) and the validating reader :mod:`kalm.data.episode_reader`. The first
+imports the second, so they live here and the reader never imports back. The layout
+itself is described in :mod:`kalm.data.episodes`.
 """
 
 from __future__ import annotations
