@@ -221,30 +221,23 @@ def imagine(
 ) -> None:
     """Imagine labelled rollouts for a level's instructions with a grounded LLM."""
     try:
-        import dataclasses
         import json
 
         from kalm.data.episodes import save_episodes
         from kalm.envs import get_spec
         from kalm.files import write_json_atomic
         from kalm.grounding.model import GroundedLM
-        from kalm.imagine.rollouts import ImagineConfig
         from kalm.imagine.rollouts import imagine as run_imagine
+        from kalm.imagine.rollouts import imagine_config
 
         grounded = GroundedLM.load(model)
         spec = get_spec(grounded.config.env)
         grounded.merge_lora()
-        base = ImagineConfig()
-        generation = dataclasses.replace(base.generation, **{k: v for k, v in {
-            "temperature": temperature, "max_steps": max_steps, "batch_size": batch_size}.items() if v is not None})
-        chosen = {k: v for k, v in {"keep_failures": keep_failures, "physics_filter": physics_filter,
-                                        "robust_noise": robust_noise, "robust_share": robust_share,
-                                        "segment_steps": segment_steps,
-                                        "starts_per_instruction": starts_per_instruction,
-                                        "precision": precision}.items()
-                  if v is not None}
-        config = dataclasses.replace(base, level=level, n=n, seed=seed, explain_back=explain_back, compose=compose,
-                                     generation=generation, **chosen)
+        config = imagine_config(level=level, n=n, seed=seed, temperature=temperature, max_steps=max_steps,
+                                batch_size=batch_size, keep_failures=keep_failures, physics_filter=physics_filter,
+                                explain_back=explain_back, robust_noise=robust_noise, robust_share=robust_share,
+                                compose=compose, segment_steps=segment_steps,
+                                starts_per_instruction=starts_per_instruction, precision=precision)
         result = run_imagine(grounded, spec, config)
         stats_path = out.with_name(out.name + ".stats.json")
         if result.dataset is None:

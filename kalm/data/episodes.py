@@ -4,6 +4,8 @@ Every stage downstream (offline RL, grounding, evaluation) reads episodes throug
 :func:`load_episodes`, so the loader is the single place where a damaged or foreign
 file is caught; it refuses anything it cannot fully vouch for with a
 :class:`DatasetError` naming the file and the array, attribute or episode at fault.
+The checks of the file itself live in :mod:`kalm.data.episode_reader`; this module
+holds the episodes in memory, the writer and the public entry points.
 
 Layout of the HDF5 file (format version 1)::
 
@@ -28,30 +30,34 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import h5py
 import numpy as np
 
-from kalm.envs import get_spec
-from kalm.envs.spec import EnvSpec, TaskSpecError
+from kalm.data.episode_format import FORMAT_NAME, FORMAT_VERSION, DatasetError
+from kalm.data.episode_format import REQUIRED_ARRAYS as _REQUIRED_ARRAYS  # noqa: F401 (tests parametrize over it)
+from kalm.data.episode_reader import HDF5_SIGNATURE, ActionCheck, read_episode_file
+from kalm.envs.spec import EnvSpec
 from kalm.files import write_atomic
 
-FORMAT_NAME = "kalm-episodes"
-FORMAT_VERSION = 1
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HDF5_SIGNATURE",
+    "ActionCheck",
+    "DatasetError",
+    "Episode",
+    "EpisodeDataset",
+    "load_episodes",
+    "save_episodes",
+    "success_disagreements",
+]
+
 _STRING_DTYPE = h5py.string_dtype(encoding="utf-8")
-_PER_EPISODE = ("episode_lengths", "terminated", "truncated", "instructions", "tasks")
-_REQUIRED_ARRAYS = ("observations", "actions", "rewards", *_PER_EPISODE)
-
-
-class DatasetError(ValueError):
-    """An episode file or episode is malformed; the message names the file and the
-    field, array or episode at fault."""
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -223,33 +229,6 @@ def _hdf5_image(dataset: EpisodeDataset, name: str) -> bytes:
 
 
 # ----------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class ActionCheck:
-    """What a valid action looks like: discrete ``0 <= a < n``, or a float vector of
-    ``shape`` inside ``[low, high]``. Built from a Gymnasium action space."""
-
-    discrete: bool
-    n: int = 0
-    shape: tuple[int, ...] = ()
-    low: np.ndarray | None = None
-    high: np.ndarray | None = None
-
-    @classmethod
-    def from_space(cls, space: gym.spaces.Space) -> ActionCheck:
-        if isinstance(space, gym.spaces.Discrete):
-            if int(space.start) != 0:
-                raise DatasetError(f"discrete action spaces must start at 0, got start={space.start}")
-            return cls(discrete=True, n=int(space.n))
-        if isinstance(space, gym.spaces.Box):
-            return cls(
-                discrete=False,
-                shape=tuple(space.shape),
-                low=np.asarray(space.low, dtype=np.float64),
-                high=np.asarray(space.high, dtype=np.float64),
-            )
-        raise DatasetError(f"unsupported action space {space!r} (Discrete or Box only)")
-
-
 def load_episodes(path: str | os.PathLike, spec: EnvSpec | None = None) -> EpisodeDataset:
     """Read and validate an episode file.
 
@@ -270,233 +249,14 @@ def load_episodes(path: str | os.PathLike, spec: EnvSpec | None = None) -> Episo
 
 
 def _load(path: Path, spec: EnvSpec | None) -> EpisodeDataset:
-    with _open_hdf5(path) as f:
-        where = str(path)
-        _check_format(f, where)
-        env = _string_attr(f, "env", where)
-        metadata = _metadata(f, where)
-        if spec is None:
-            try:
-                spec = get_spec(env)
-            except ValueError as exc:
-                raise DatasetError(f"{where}: attribute 'env': {exc}") from exc
-        elif spec.name != env:
-            raise DatasetError(f"{where}: attribute 'env' is {env!r} but the file was loaded for {spec.name!r}")
-        arrays = _read_arrays(f, where, spec.state_dim, ActionCheck.from_space(spec.action_space))
-    tasks = _parse_tasks(arrays["tasks"], spec.parse_task, where)
-    episodes = _split_episodes(arrays, tasks, where)
-    return EpisodeDataset(env=env, episodes=episodes, metadata=metadata)
-
-
-class _open_hdf5:
-    """Open ``path`` read-only, turning every way of not being an HDF5 file (missing,
-    empty, truncated, random bytes, text) into a :class:`DatasetError`."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.file: h5py.File | None = None
-
-    def __enter__(self) -> h5py.File:
-        path = self.path
-        if not path.exists():
-            raise DatasetError(f"{path}: no such file")
-        if path.is_dir():
-            raise DatasetError(f"{path}: is a directory, not an episode file")
-        size = path.stat().st_size
-        if size == 0:
-            raise DatasetError(f"{path}: the file is empty (0 bytes), not an HDF5 episode file")
-        with open(path, "rb") as handle:
-            head = handle.read(len(HDF5_SIGNATURE))
-        if head != HDF5_SIGNATURE and not h5py.is_hdf5(path):
-            raise DatasetError(f"{path}: not an HDF5 file (no HDF5 signature at the start; {size} bytes)")
-        try:
-            self.file = h5py.File(path, "r")
-        except OSError as exc:
-            raise DatasetError(f"{path}: unreadable HDF5 file, probably truncated or damaged ({exc})") from exc
-        return self.file
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _read_error(where: str, name: str, exc: Exception) -> DatasetError:
-    return DatasetError(f"{where}: array '{name}' cannot be read, the file is probably truncated ({exc})")
-
-
-def _check_format(f: h5py.File, where: str) -> None:
-    if f.attrs.get("format") is None:
-        raise DatasetError(f"{where}: missing attribute 'format' (not a kalm episode file)")
-    fmt = _string_attr(f, "format", where)
-    if fmt != FORMAT_NAME:
-        raise DatasetError(f"{where}: attribute 'format' is {fmt!r}, expected {FORMAT_NAME!r}")
-    version = f.attrs.get("format_version")
-    if version is None:
-        raise DatasetError(f"{where}: missing attribute 'format_version'")
-    if not isinstance(version, (int, np.integer)) or int(version) != FORMAT_VERSION:
-        shown = int(version) if isinstance(version, (int, np.integer)) else repr(version)
-        raise DatasetError(f"{where}: attribute 'format_version' is {shown}; this kalm reads version {FORMAT_VERSION}")
-
-
-def _string_attr(f: h5py.File, name: str, where: str) -> str:
-    value = f.attrs.get(name)
-    if value is None:
-        raise DatasetError(f"{where}: missing attribute '{name}'")
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"{where}: attribute '{name}' is not UTF-8 text") from exc
-    if not isinstance(value, str):
-        raise DatasetError(f"{where}: attribute '{name}' must be a string, got {type(value).__name__}")
-    return value
-
-
-def _metadata(f: h5py.File, where: str) -> dict:
-    text = _string_attr(f, "metadata", where)
-    try:
-        metadata = json.loads(text, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise DatasetError(f"{where}: attribute 'metadata' is not valid JSON ({exc})") from exc
-    if not isinstance(metadata, dict):
-        raise DatasetError(f"{where}: attribute 'metadata' must be a JSON object, got {type(metadata).__name__}")
-    return metadata
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
-    if name not in f:
-        expected = set(_REQUIRED_ARRAYS)
-        unexpected = sorted(k for k in f if k not in expected)
-        hint = f" (found unexpected: {', '.join(map(repr, unexpected))})" if unexpected else ""
-        raise DatasetError(f"{where}: missing array '{name}'{hint}")
-    obj = f[name]
-    if not isinstance(obj, h5py.Dataset):
-        raise DatasetError(f"{where}: '{name}' is a {type(obj).__name__}, expected an array")
-    return obj
-
-
-def _numeric(f: h5py.File, name: str, where: str, kinds: str, ndim: int) -> np.ndarray:
-    ds = _dataset(f, name, where)
-    if ds.dtype.kind not in kinds:
-        wanted = {"f": "floats", "iu": "integers", "b": "booleans"}.get(kinds, kinds)
-        raise DatasetError(f"{where}: array '{name}' has dtype {ds.dtype}, expected {wanted}")
-    if ds.ndim != ndim:
-        raise DatasetError(f"{where}: array '{name}' has shape {ds.shape}, expected {ndim} dimension(s)")
-    try:
-        data = ds[()]
-    except (OSError, RuntimeError) as exc:
-        raise _read_error(where, name, exc) from exc
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        bad = np.argwhere(~np.isfinite(data))[0]
-        raise DatasetError(f"{where}: array '{name}' contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
-    return data
-
-
-def _strings(f: h5py.File, name: str, where: str) -> list[str]:
-    ds = _dataset(f, name, where)
-    if h5py.check_string_dtype(ds.dtype) is None:
-        raise DatasetError(f"{where}: array '{name}' has dtype {ds.dtype}, expected UTF-8 strings")
-    if ds.ndim != 1:
-        raise DatasetError(f"{where}: array '{name}' has shape {ds.shape}, expected (n_episodes,)")
-    try:
-        return list(ds.asstr()[()])
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{where}: array '{name}' holds text that is not UTF-8 ({exc})") from exc
-    except (OSError, RuntimeError) as exc:
-        raise _read_error(where, name, exc) from exc
-
-
-def _read_arrays(f: h5py.File, where: str, state_dim: int, check: ActionCheck) -> dict[str, Any]:
-    lengths = _numeric(f, "episode_lengths", where, "iu", 1).astype(np.int64)
-    n = len(lengths)
-    if n == 0:
-        raise DatasetError(f"{where}: array 'episode_lengths' is empty (the file holds no episodes)")
-    if np.any(lengths < 1):
-        i = int(np.argmax(lengths < 1))
-        raise DatasetError(f"{where}: array 'episode_lengths': episode {i} has length {lengths[i]} (must be >= 1)")
-    transitions = int(lengths.sum())
-    arrays: dict[str, Any] = {"episode_lengths": lengths}
-
-    obs = _numeric(f, "observations", where, "f", 2)
-    if obs.shape[1] != state_dim:
-        raise DatasetError(f"{where}: array 'observations' has state_dim {obs.shape[1]}, the env has {state_dim}")
-    if obs.shape[0] != transitions + n:
-        raise DatasetError(
-            f"{where}: array 'observations' has {obs.shape[0]} rows but 'episode_lengths' implies "
-            f"{transitions + n} (sum of T+1 over {n} episodes)"
-        )
-    arrays["observations"] = obs
-
-    if check.discrete:
-        actions = _numeric(f, "actions", where, "iu", 1)
-        if actions.size and (actions.min() < 0 or actions.max() >= check.n):
-            i = int(np.argmax((actions < 0) | (actions >= check.n)))
-            raise DatasetError(
-                f"{where}: array 'actions': action {int(actions[i])} at step {i} is outside Discrete({check.n})"
-            )
-    else:
-        actions = _numeric(f, "actions", where, "f", 1 + len(check.shape))
-        if actions.shape[1:] != check.shape:
-            raise DatasetError(
-                f"{where}: array 'actions' has shape {actions.shape}, expected (n_transitions, "
-                f"{', '.join(map(str, check.shape))})"
-            )
-        outside = np.any((actions < check.low - 1e-6) | (actions > check.high + 1e-6),
-                         axis=tuple(range(1, actions.ndim)))
-        if np.any(outside):
-            i = int(np.argmax(outside))
-            raise DatasetError(f"{where}: array 'actions': action at step {i} is outside the action space bounds")
-    if actions.shape[0] != transitions:
-        raise DatasetError(
-            f"{where}: array 'actions' has {actions.shape[0]} rows but 'episode_lengths' sums to {transitions}"
-        )
-    arrays["actions"] = actions
-
-    rewards = _numeric(f, "rewards", where, "f", 1)
-    if rewards.shape[0] != transitions:
-        raise DatasetError(
-            f"{where}: array 'rewards' has {rewards.shape[0]} rows but 'episode_lengths' sums to {transitions}"
-        )
-    arrays["rewards"] = rewards
-
-    for name in ("terminated", "truncated"):
-        flags = _numeric(f, name, where, "b", 1)
-        if flags.shape[0] != n:
-            raise DatasetError(f"{where}: array '{name}' has {flags.shape[0]} entries for {n} episodes")
-        arrays[name] = flags
-    for name in ("instructions", "tasks"):
-        texts = _strings(f, name, where)
-        if len(texts) != n:
-            raise DatasetError(f"{where}: array '{name}' has {len(texts)} entries for {n} episodes")
-        arrays[name] = texts
-    return arrays
-
-
-def _parse_tasks(texts: list[str], parse_task: Callable[[Mapping[str, Any]], Any], where: str) -> list[dict]:
-    """Parse each task's JSON and check it with the env's parser (cached: datasets
-    repeat the same few tasks thousands of times)."""
-    checked: dict[str, dict] = {}
-    tasks = []
-    for i, text in enumerate(texts):
-        if text not in checked:
-            try:
-                task_json = json.loads(text, parse_constant=_refuse_constant)
-            except ValueError as exc:
-                raise DatasetError(f"{where}: array 'tasks', episode {i}: not valid JSON ({exc})") from exc
-            try:
-                parse_task(task_json)
-            except TaskSpecError as exc:
-                raise DatasetError(f"{where}: array 'tasks', episode {i}: {exc}") from exc
-            checked[text] = task_json
-        tasks.append(checked[text])
-    return tasks
+    checked = read_episode_file(path, spec)
+    episodes = _split_episodes(checked.arrays, checked.tasks, str(path))
+    return EpisodeDataset(env=checked.env, episodes=episodes, metadata=checked.metadata)
 
 
 def _split_episodes(arrays: dict[str, Any], tasks: list[dict], where: str) -> tuple[Episode, ...]:
+    """Cut the checked, concatenated arrays into episodes; each :class:`Episode`
+    checks itself, and its error gains the file and the episode's index."""
     lengths = arrays["episode_lengths"]
     obs_ends = np.cumsum(lengths + 1)
     step_ends = np.cumsum(lengths)

@@ -12,6 +12,7 @@ The source layout (kalm-reference §3.2): ``observations`` / ``next_observations
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,50 @@ def import_kalm_clevr(src: str | Path, spec: EnvSpec, instruction_seed: int = 0)
     compares the source's labels with our predicates, rewards and instruction parser.
     """
     src = Path(src)
+    source = _read_source(src, spec)
+    rng = np.random.default_rng(instruction_seed)
+    episodes, instruction_bad, reward_errors = [], [], []
+    shaped = spec.rewards.get("shaped")
+    for i in range(len(source.observations)):
+        episode, reads_back, reward_error = _convert_episode(source, i, spec, shaped, rng)
+        if not reads_back:
+            instruction_bad.append(i)
+        if reward_error is not None:
+            reward_errors.append(reward_error)
+        episodes.append(episode)
+    metadata = {
+        "source": "import",
+        "format": "kalm-original-clevr",
+        "src": str(src),
+        "reward": "source",
+        "instruction_seed": instruction_seed,
+    }
+    dataset = EpisodeDataset(env=spec.name, episodes=tuple(episodes), metadata=metadata)
+    return ImportReport(
+        dataset=dataset,
+        success_disagreements=success_disagreements(dataset, spec),
+        instruction_disagreements=instruction_bad,
+        shaped_reward_max_error=max(reward_errors) if reward_errors else float("nan"),
+    )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The source file's arrays once their shapes agree: ``N`` episodes padded to
+    ``T`` steps (``masks`` marks the valid ones), one goal and ``K`` phrasings each."""
+
+    path: Path
+    observations: np.ndarray  # (N, T, state_dim)
+    next_observations: np.ndarray  # (N, T, state_dim)
+    actions: np.ndarray  # (N, T)
+    rewards: np.ndarray  # (N, T)
+    terminals: np.ndarray  # (N, T) bool
+    masks: np.ndarray  # (N, T) bool
+    goals: np.ndarray  # (N, 6)
+    texts: np.ndarray  # (N, K) str
+
+
+def _read_source(src: Path, spec: EnvSpec) -> _Source:
     a = _load_npz(src)
     obs = a["observations"]
     if obs.ndim != 3 or obs.shape[2] != spec.state_dim:
@@ -128,53 +173,51 @@ def import_kalm_clevr(src: str | Path, spec: EnvSpec, instruction_seed: int = 0)
         texts = texts[:, None]
     if texts.shape[0] != n or texts.dtype.kind != "U":
         raise DatasetError(f"{src}: array 'instructions' must be (N, K) strings, got {texts.shape} {texts.dtype}")
+    return _Source(src, obs, a["next_observations"], actions, rewards, terminals, masks, goals, texts)
 
-    rng = np.random.default_rng(instruction_seed)
-    episodes, instruction_bad, reward_errors = [], [], []
-    shaped = spec.rewards.get("shaped")
-    for i in range(n):
-        task = goal_to_task(goals[i], f"{src}: goals[{i}]")
-        length = int(masks[i].sum())
-        if length < 1 or not masks[i, :length].all():
-            raise DatasetError(f"{src}: masks[{i}] must be a run of 1s from the start followed by 0s")
-        steps = actions[i, :length]
-        if not np.issubdtype(steps.dtype, np.integer) or steps.min() < 0 or steps.max() >= spec.action_dim:
-            raise DatasetError(f"{src}: actions[{i}] must be integers in [0, {spec.action_dim})")
-        states = np.concatenate([obs[i, :length], a["next_observations"][i, length - 1 : length]])
-        if not np.allclose(obs[i, 1:length], a["next_observations"][i, : length - 1], atol=1e-5):
-            raise DatasetError(f"{src}: episode {i}: next_observations[t] differs from observations[t+1]")
-        phrasings = [t for t in texts[i] if t]
-        if not phrasings:
-            raise DatasetError(f"{src}: instructions[{i}] holds no text")
-        if spec.parse_instruction(phrasings[0]) != task:
-            instruction_bad.append(i)
-        if shaped is not None:
-            ours = [shaped(task, states[t], states[t + 1], states[0]) for t in range(length)]
-            reward_errors.append(float(np.max(np.abs(np.asarray(ours) - rewards[i, :length]))))
-        terminated = bool(terminals[i, length - 1])
-        episodes.append(
-            Episode(
-                observations=states,
-                actions=steps,
-                rewards=rewards[i, :length],
-                terminated=terminated,
-                truncated=not terminated and length >= spec.max_episode_steps,
-                instruction=str(phrasings[int(rng.integers(len(phrasings)))]),
-                task=task.to_json(),
-            )
-        )
-    metadata = {
-        "source": "import",
-        "format": "kalm-original-clevr",
-        "src": str(src),
-        "reward": "source",
-        "instruction_seed": instruction_seed,
-    }
-    dataset = EpisodeDataset(env=spec.name, episodes=tuple(episodes), metadata=metadata)
-    return ImportReport(
-        dataset=dataset,
-        success_disagreements=success_disagreements(dataset, spec),
-        instruction_disagreements=instruction_bad,
-        shaped_reward_max_error=max(reward_errors) if reward_errors else float("nan"),
+
+def _convert_episode(
+    source: _Source, i: int, spec: EnvSpec, shaped: Callable | None, rng: np.random.Generator
+) -> tuple[Episode, bool, float | None]:
+    """Episode ``i`` as ours; whether the source's first phrasing of it reads back as
+    its goal's task; and the largest gap between its rewards and our ``shaped`` reward
+    (``None`` where the env has no shaped reward)."""
+    src = source.path
+    task = goal_to_task(source.goals[i], f"{src}: goals[{i}]")
+    states, actions = _unpadded(source, i, spec)
+    length = len(actions)
+    phrasings = [t for t in source.texts[i] if t]
+    if not phrasings:
+        raise DatasetError(f"{src}: instructions[{i}] holds no text")
+    reads_back = spec.parse_instruction(phrasings[0]) == task
+    reward_error = None
+    if shaped is not None:
+        ours = [shaped(task, states[t], states[t + 1], states[0]) for t in range(length)]
+        reward_error = float(np.max(np.abs(np.asarray(ours) - source.rewards[i, :length])))
+    terminated = bool(source.terminals[i, length - 1])
+    episode = Episode(
+        observations=states,
+        actions=actions,
+        rewards=source.rewards[i, :length],
+        terminated=terminated,
+        truncated=not terminated and length >= spec.max_episode_steps,
+        instruction=str(phrasings[int(rng.integers(len(phrasings)))]),
+        task=task.to_json(),
     )
+    return episode, reads_back, reward_error
 
+
+def _unpadded(source: _Source, i: int, spec: EnvSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Episode ``i``'s valid steps: its T + 1 states and T actions."""
+    src, masks = source.path, source.masks
+    length = int(masks[i].sum())
+    if length < 1 or not masks[i, :length].all():
+        raise DatasetError(f"{src}: masks[{i}] must be a run of 1s from the start followed by 0s")
+    actions = source.actions[i, :length]
+    if not np.issubdtype(actions.dtype, np.integer) or actions.min() < 0 or actions.max() >= spec.action_dim:
+        raise DatasetError(f"{src}: actions[{i}] must be integers in [0, {spec.action_dim})")
+    obs, next_obs = source.observations, source.next_observations
+    states = np.concatenate([obs[i, :length], next_obs[i, length - 1 : length]])
+    if not np.allclose(obs[i, 1:length], next_obs[i, : length - 1], atol=1e-5):
+        raise DatasetError(f"{src}: episode {i}: next_observations[t] differs from observations[t+1]")
+    return states, actions

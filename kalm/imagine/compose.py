@@ -9,16 +9,13 @@ training phrasing of one part and starts from the imagined state where the previ
 segment ended; the whole chain is labelled with the composite instruction. The task
 structure comes from the task itself (:func:`kalm.envs.spec.subgoals`), as the success
 predicate that labels every imagined rollout does; every state and action comes from
-the LLM. Measured in ``kalm run --config clevr-default`` (400-step CPU-grounded model,
-8,000 hard prompts, at most 3 pushes per part): 157 rollouts kept, 32 % of them real on
-replay, and KALM's hard success 6.4 % against 3.9 % for the baseline (paired +2.6 points,
-95 % interval [+0.7, +4.5]; 3 seeds x 300 episodes).
+the LLM. With these chains, KALM's CLEVR hard success in ``kalm run --config
+clevr-default`` was 6.4 % against the baseline's 3.9 % (docs/results.md).
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -52,17 +49,14 @@ def imagine_composed(
     ``robust_noise`` > 0 the part a segment steered to must also hold robustly
     (:func:`~kalm.imagine.filters.robust_success_share` over that segment's steps), so
     the finished chain needs no second check. Why per part: noising every ball of the
-    final state for the whole conjunction instead kept 21 of the 116 chains that reached
-    their goal in imagination (4,800 CLEVR prompts); checked per part, 116 of 117 were."""
-    parts = [subgoals(ins.task) for ins in instructions]
-    if not all(parts):
-        missing = next(ins for ins, p in zip(instructions, parts) if not p)
-        raise ValueError(f"not a conjunction of goals: {missing.task.to_json()} ({missing.text!r})")
+    final state for the whole conjunction instead kept 21 of the 116 chains that
+    reached their goal in imagination (docs/results.md)."""
+    parts = _conjunction_parts(instructions)
     if segment_steps < 1:
         raise ValueError(f"segment_steps must be at least 1, got {segment_steps}")
     rng = np.random.default_rng(seed)
-    noise_rng = np.random.default_rng(seed + 1)
-    step_scale = model.io.delta_std.detach().cpu().numpy()
+    robust = _RobustCheck(robust_noise, robust_share, model.io.delta_std.detach().cpu().numpy(),
+                          np.random.default_rng(seed + 1))
     generation = replace(generation, max_steps=segment_steps)
     n = len(instructions)
     states = [[np.asarray(s, dtype=np.float32)] for s in starts]
@@ -74,30 +68,66 @@ def imagine_composed(
         pending = [i for i in rows if not parts[i][j].success(states[i][-1], starts[i])]
         if not pending:
             continue
-        goals = [parts[i][j] for i in pending]
-        texts = [spec.training_instruction(goal, rng) for goal in goals]
-        stop = stop_at_goal(goals, [starts[i] for i in pending], [segment_steps] * len(pending))
-        segment = generate_rollouts(
-            model, texts, np.stack([states[i][-1] for i in pending]), generation, stop=stop,
-            seed=seed + j, progress=progress, carried_state=spec.carried_state,
-        )
+        segment = _generate_segment(model, spec, [parts[i][j] for i in pending], [starts[i] for i in pending],
+                                    np.stack([states[i][-1] for i in pending]), generation, seed + j, rng, progress)
         failed = set()
         for i, rollout in zip(pending, segment):
             states[i].extend(rollout.states[1:])
             actions[i].extend(rollout.actions)
             stopped_by[i] = rollout.stopped_by
-            final = states[i][-1]
-            ok = len(rollout.actions) > 0 and bool(np.all(np.isfinite(final))) and all(
-                part.success(final, starts[i]) for part in parts[i][: j + 1])
-            if ok and robust_noise > 0:
-                ok = robust_success_share(parts[i][j], np.stack(states[i]), step_scale, robust_noise, noise_rng,
-                                          steps=len(rollout.actions)) >= robust_share
-            if not ok:
+            if not _segment_ends_well(parts[i], j, states[i], starts[i], len(rollout.actions), robust):
                 failed.add(i)
         alive = [i for i in alive if i not in failed]
-    rollouts = []
-    for i, ins in enumerate(instructions):
-        acts = np.asarray(actions[i]) if actions[i] else np.zeros((0, *spec.action_space.shape),
-                                                                   dtype=spec.action_space.dtype)
-        rollouts.append(GeneratedRollout(ins.text, np.stack(states[i]), acts, stopped_by[i]))
-    return rollouts
+    return [_as_rollout(spec, ins, states[i], actions[i], stopped_by[i]) for i, ins in enumerate(instructions)]
+
+
+def _conjunction_parts(instructions: Sequence[Instruction]) -> list[tuple]:
+    parts = [subgoals(ins.task) for ins in instructions]
+    if not all(parts):
+        missing = next(ins for ins, p in zip(instructions, parts) if not p)
+        raise ValueError(f"not a conjunction of goals: {missing.task.to_json()} ({missing.text!r})")
+    return parts
+
+
+def _generate_segment(
+    model, spec: EnvSpec, goals: list, starts: list[np.ndarray], states: np.ndarray, generation: GenerationConfig,
+    seed: int, rng: np.random.Generator, progress: Callable[[int], None] | None,
+) -> list[GeneratedRollout]:
+    """One segment per goal from ``states``, each prompted with a training phrasing of
+    its goal (drawn with ``rng``) and ending where the goal holds or after
+    ``generation.max_steps``."""
+    texts = [spec.training_instruction(goal, rng) for goal in goals]
+    stop = stop_at_goal(goals, starts, [generation.max_steps] * len(goals))
+    return generate_rollouts(model, texts, states, generation, stop=stop, seed=seed, progress=progress,
+                             carried_state=spec.carried_state)
+
+
+@dataclass(frozen=True)
+class _RobustCheck:
+    """Whether a reached part holds robustly (always, when ``noise`` is not positive)."""
+
+    noise: float
+    share: float
+    step_scale: np.ndarray
+    rng: np.random.Generator
+
+    def holds(self, part, states: np.ndarray, steps: int) -> bool:
+        if not self.noise > 0:
+            return True
+        return robust_success_share(part, states, self.step_scale, self.noise, self.rng, steps=steps) >= self.share
+
+
+def _segment_ends_well(parts: tuple, j: int, states: list[np.ndarray], start: np.ndarray, steps: int,
+                       robust: _RobustCheck) -> bool:
+    """The segment for part ``j`` took a step and ended with finite states where parts
+    ``0..j`` all hold, and part ``j`` robustly."""
+    final = states[-1]
+    reached = steps > 0 and bool(np.all(np.isfinite(final))) and all(
+        part.success(final, start) for part in parts[: j + 1])
+    return reached and robust.holds(parts[j], np.stack(states), steps)
+
+
+def _as_rollout(spec: EnvSpec, ins: Instruction, states: list[np.ndarray], actions: list,
+                stopped_by: str) -> GeneratedRollout:
+    acts = np.asarray(actions) if actions else np.zeros((0, *spec.action_space.shape), dtype=spec.action_space.dtype)
+    return GeneratedRollout(ins.text, np.stack(states), acts, stopped_by)

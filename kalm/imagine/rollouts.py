@@ -7,12 +7,13 @@ policy will meet), rollouts come from the LLM, and the task predicates label the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from kalm.data.episodes import EpisodeDataset
+from kalm.data.episodes import Episode, EpisodeDataset
 from kalm.envs.spec import EnvSpec, Instruction, subgoals
 from kalm.grounding.model import PRECISIONS
 from kalm.imagine.compose import imagine_composed
@@ -22,7 +23,7 @@ from kalm.imagine.filters import (
     is_plausible,
     robust_success_share,
 )
-from kalm.imagine.generate import GenerationConfig, generate_rollouts, stop_at_goal
+from kalm.imagine.generate import GeneratedRollout, GenerationConfig, generate_rollouts, stop_at_goal
 from kalm.imagine.label import label_rollout
 
 
@@ -31,12 +32,11 @@ class ImagineConfig:
     """What to imagine and what to keep.
 
     ``keep_failures``: rollouts that never reach the goal stay in the data with zero
-    success reward or are dropped (the default: with BC, keeping the 480 imagined
-    CLEVR rephrase rollouts instead of the 113 that reached their goal took rephrase
-    success from 29 % to 18 %, 3 seeds).
+    success reward or are dropped (the default: keeping them cost BC's CLEVR rephrase
+    success 29 % -> 18 %; docs/results.md).
     ``physics_filter``: drop rollouts with any implausible transition (on by default:
-    63 % of the plausible kept CLEVR rephrase rollouts were real successes on replay,
-    against 22 % of those with an implausible transition).
+    such rollouts are far less often real successes on replay, 22 % against 63 % on
+    CLEVR; docs/results.md).
     ``explain_back``: drop rollouts whose explanation by the same LLM does not read
     back as their task (only for task kinds the environment can parse from text).
     ``robust_noise``/``robust_share``: drop a success unless the task still holds on
@@ -47,8 +47,8 @@ class ImagineConfig:
     ``all_of``) as a chain of single-goal segments of at most ``segment_steps`` each
     (:mod:`kalm.imagine.compose`); other instructions of the level are imagined whole.
     ``starts_per_instruction``: each drawn instruction is imagined from this many start
-    states (``n`` rollouts in all); the rows share the instruction's prefill (4 starts
-    per instruction: 1.6x the rollouts/s in fp32, 1.3x in bf16, measured on CLEVR).
+    states (``n`` rollouts in all); the rows share the instruction's prefill, which
+    makes generation faster (1.6x the rollouts/s with 4 starts in fp32; docs/results.md).
     ``precision``: the transformer body's dtype while imagining (``auto``: bf16 where
     the hardware has it; see
     :meth:`~kalm.grounding.model.GroundedLM.use_inference_precision`).
@@ -80,6 +80,23 @@ class ImagineConfig:
             raise ValueError(f"starts_per_instruction must be at least 1, got {self.starts_per_instruction}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+# The options of :func:`imagine_config` that belong to ``ImagineConfig.generation``.
+_GENERATION_OPTIONS = ("temperature", "max_steps", "batch_size")
+
+
+def imagine_config(**options: Any) -> ImagineConfig:
+    """An :class:`ImagineConfig` with the given fields set and the defaults elsewhere.
+
+    An option given as ``None`` keeps its default, so a command line can pass every
+    flag whether or not it was set; ``temperature``, ``max_steps`` and ``batch_size``
+    go to the :class:`~kalm.imagine.generate.GenerationConfig`. An unknown name is a
+    ``TypeError``, and values are checked as :class:`ImagineConfig` checks them."""
+    base = ImagineConfig()
+    chosen = {k: v for k, v in options.items() if v is not None}
+    generation = replace(base.generation, **{k: chosen.pop(k) for k in _GENERATION_OPTIONS if k in chosen})
+    return replace(base, generation=generation, **chosen)
 
 
 @dataclass(frozen=True)
@@ -154,20 +171,38 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     instructions, starts = sample_prompts(spec, config.level, config.n, config.seed, config.starts_per_instruction)
     tasks = [ins.task for ins in instructions]
     by_parts = [config.compose and bool(subgoals(task)) for task in tasks]
+    generated = _generate(model, spec, config, instructions, starts, by_parts, progress)
+    kept, kept_tasks, counts, stats = _check_filter_label(model, spec, config, generated, tasks, by_parts)
+    if config.explain_back and kept:
+        verdicts = _explains_back(model, spec, kept, kept_tasks)
+        counts["dropped_explain_back"] = sum(v is False for v in verdicts)
+        kept = [e for e, v in zip(kept, verdicts) if v is not False]
+    counts["kept"] = len(kept)
+    summary = {"level": config.level, "counts": counts, "success_share": counts["succeeded"] / max(len(generated), 1),
+               "hallucination": stats.summary()}
+    metadata = {
+        "source": "imagined",
+        "model": str(getattr(model.config, "backbone", "")),
+        "precision": str(model.inference_dtype).removeprefix("torch."),
+        "config": asdict(config),
+        "stats": summary,
+    }
+    dataset = EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata) if kept else None
+    return ImagineResult(dataset, summary)
+
+
+def _generate(
+    model, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction], starts: np.ndarray,
+    by_parts: list[bool], progress: bool,
+) -> list[GeneratedRollout]:
+    """One rollout per prompt, in prompt order: imagined whole, or (where ``by_parts``)
+    as a chain of one segment per part of its conjunction."""
     composed = [i for i, by in enumerate(by_parts) if by]
     whole = [i for i, by in enumerate(by_parts) if not by]
     generated: list = [None] * len(instructions)
-
-    bar = tqdm(total=len(whole), desc=f"imagine {config.level}", unit="rollout", disable=not progress or not whole)
-    if whole:
-        rollouts = generate_rollouts(
-            model, [instructions[i].text for i in whole], starts[whole], config.generation,
-            stop=stop_at_goal([tasks[i] for i in whole], starts[whole], [spec.horizon(tasks[i]) for i in whole]),
-            seed=config.seed, progress=bar.update, carried_state=spec.carried_state,
-        )
-        for i, rollout in zip(whole, rollouts):
-            generated[i] = rollout
-    bar.close()
+    rollouts = _generate_whole(model, spec, config, [instructions[i] for i in whole], starts[whole], progress)
+    for i, rollout in zip(whole, rollouts):
+        generated[i] = rollout
     if composed:
         bar = tqdm(desc=f"imagine {config.level} part by part", unit="segment", disable=not progress)
         chains = imagine_composed(
@@ -177,7 +212,34 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         bar.close()
         for i, rollout in zip(composed, chains):
             generated[i] = rollout
+    return generated
 
+
+def _generate_whole(
+    model, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction], starts: np.ndarray, progress: bool
+) -> list[GeneratedRollout]:
+    """Each instruction imagined in one go, ending where its task holds or at its horizon."""
+    tasks = [ins.task for ins in instructions]
+    bar = tqdm(total=len(instructions), desc=f"imagine {config.level}", unit="rollout",
+               disable=not progress or not instructions)
+    rollouts: list[GeneratedRollout] = []
+    if instructions:
+        rollouts = generate_rollouts(
+            model, [ins.text for ins in instructions], starts, config.generation,
+            stop=stop_at_goal(tasks, starts, [spec.horizon(task) for task in tasks]),
+            seed=config.seed, progress=bar.update, carried_state=spec.carried_state,
+        )
+    bar.close()
+    return rollouts
+
+
+def _check_filter_label(
+    model, spec: EnvSpec, config: ImagineConfig, generated: list[GeneratedRollout], tasks: list, by_parts: list[bool]
+) -> tuple[list[Episode], list, dict[str, int], HallucinationStats]:
+    """Check every rollout's physics, label it with its task's predicate and keep it
+    unless a filter of ``config`` drops it. Return the kept episodes and their tasks,
+    the count of each outcome and the hallucination statistics of all rollouts. A
+    chain imagined by parts already passed the robustness check part by part."""
     stats = HallucinationStats()
     kept, kept_tasks, counts = [], [], {"generated": len(generated), "succeeded": 0, "non_finite": 0,
                                          "dropped_physics": 0, "dropped_failure": 0, "dropped_fragile": 0,
@@ -205,21 +267,4 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
             continue
         kept.append(episode)
         kept_tasks.append(task)
-
-    if config.explain_back and kept:
-        verdicts = _explains_back(model, spec, kept, kept_tasks)
-        counts["dropped_explain_back"] = sum(v is False for v in verdicts)
-        kept = [e for e, v in zip(kept, verdicts) if v is not False]
-
-    counts["kept"] = len(kept)
-    summary = {"level": config.level, "counts": counts, "success_share": counts["succeeded"] / max(len(generated), 1),
-               "hallucination": stats.summary()}
-    metadata = {
-        "source": "imagined",
-        "model": str(getattr(model.config, "backbone", "")),
-        "precision": str(model.inference_dtype).removeprefix("torch."),
-        "config": asdict(config),
-        "stats": summary,
-    }
-    dataset = EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata) if kept else None
-    return ImagineResult(dataset, summary)
+    return kept, kept_tasks, counts, stats

@@ -68,47 +68,6 @@ class TrainResult:
     final_loss: dict[str, float]
 
 
-def _load_all(paths: Sequence[str | Path], spec: EnvSpec | None) -> list[EpisodeDataset]:
-    datasets = []
-    for path in paths:
-        dataset = load_episodes(path, spec)
-        spec = spec or get_spec(dataset.env)
-        datasets.append(dataset)
-    return datasets
-
-
-def _merge(datasets: list[EpisodeDataset]) -> EpisodeDataset | None:
-    if not datasets:
-        return None
-    if len(datasets) == 1:
-        return datasets[0]
-    episodes = tuple(ep for d in datasets for ep in d.episodes)
-    return EpisodeDataset(env=datasets[0].env, episodes=episodes, metadata={"merged": [d.metadata for d in datasets]})
-
-
-def _rng_to_json(rng: np.random.Generator) -> dict[str, Any]:
-    return rng.bit_generator.state
-
-
-def _torch_rng_to_json() -> str:
-    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
-
-
-def _torch_rng_from_json(text: str) -> None:
-    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy()))
-
-
-def _run_description(config: TrainConfig, spec: EnvSpec, data: Sequence[Path], imaginary: Sequence[Path]) -> dict:
-    return {
-        "train": config.to_json(),
-        "env": spec.name,
-        "encoder": config.encoder,
-        "data": [str(p) for p in data],
-        "imaginary": [str(p) for p in imaginary],
-        "d3rlpy_version": d3rlpy.__version__,
-    }
-
-
 def train(
     data: str | Path | Sequence[str | Path],
     out: str | Path,
@@ -136,6 +95,49 @@ def train(
     if threads is not None:
         set_torch_threads(threads)
     out = Path(out)
+    inputs = _load_inputs(data, imaginary)
+    spec = inputs.spec
+    config = (config or TrainConfig()).for_action_space(spec.discrete)
+    description = _run_description(config, spec, inputs.data_paths, inputs.imaginary_paths)
+    state = _prepare_out_dir(out, description, resume)
+
+    batches = _build_batches(inputs, config, embedding_cache)
+    algo = _build_algo(config, spec, batches)
+    save_algo_config(algo, out / ALGO_FILE)
+    rng = np.random.default_rng(config.seed)
+    done = _restore_checkpoint(out, state, algo, rng)
+    description.update(
+        observation_dim=int(batches.real.observations.shape[1]),
+        state_dim=spec.state_dim,
+        embedding_dim=batches.embedding_dim,
+        action_size=spec.action_dim,
+        real_transitions=len(batches.real),
+        imaginary_transitions=sum(len(t) for t in batches.imaginary),
+        batch_real=batches.sampler.n_real,
+        batch_imaginary=batches.sampler.n_imaginary,
+        completed_steps=done.step,
+        train_seconds=done.seconds,
+    )
+    write_json_atomic(out / CONFIG_FILE, description)
+
+    last_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    step, seconds, loss = _run_steps(out, config, algo, batches.sampler, rng, done, last_step, progress)
+    return _finish(out, config, algo, description, step, seconds, loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """The episode files of a run, loaded and checked against one environment."""
+
+    data_paths: list[Path]
+    imaginary_paths: list[Path]
+    spec: EnvSpec
+    real: EpisodeDataset
+    imaginary: list[EpisodeDataset]
+
+
+def _load_inputs(data: str | Path | Sequence[str | Path], imaginary: Sequence[str | Path]) -> _Inputs:
+    """Load every file; the first real one names the environment the others must share."""
     data_paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p in data]
     imaginary_paths = [Path(p) for p in imaginary]
     if not data_paths:
@@ -145,62 +147,126 @@ def train(
     real = _merge(real_sets)
     fake_sets = _load_all(imaginary_paths, spec)
     assert real is not None
-    config = (config or TrainConfig()).for_action_space(spec.discrete)
-    description = _run_description(config, spec, data_paths, imaginary_paths)
+    return _Inputs(data_paths, imaginary_paths, spec, real, fake_sets)
 
-    state = _prepare_out_dir(out, description, resume)
 
+def _load_all(paths: Sequence[str | Path], spec: EnvSpec | None) -> list[EpisodeDataset]:
+    datasets = []
+    for path in paths:
+        dataset = load_episodes(path, spec)
+        spec = spec or get_spec(dataset.env)
+        datasets.append(dataset)
+    return datasets
+
+
+def _merge(datasets: list[EpisodeDataset]) -> EpisodeDataset | None:
+    if not datasets:
+        return None
+    if len(datasets) == 1:
+        return datasets[0]
+    episodes = tuple(ep for d in datasets for ep in d.episodes)
+    return EpisodeDataset(env=datasets[0].env, episodes=episodes, metadata={"merged": [d.metadata for d in datasets]})
+
+
+def _run_description(config: TrainConfig, spec: EnvSpec, data: Sequence[Path], imaginary: Sequence[Path]) -> dict:
+    return {
+        "train": config.to_json(),
+        "env": spec.name,
+        "encoder": config.encoder,
+        "data": [str(p) for p in data],
+        "imaginary": [str(p) for p in imaginary],
+        "d3rlpy_version": d3rlpy.__version__,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batches:
+    """The transition tables a run learns from and the sampler that mixes them."""
+
+    real: TransitionTable
+    imaginary: list[TransitionTable]
+    sampler: MixedSampler
+    observation_shape: Sequence[int]
+    embedding_dim: int
+
+
+def _build_batches(inputs: _Inputs, config: TrainConfig, embedding_cache: str | Path | None) -> _Batches:
+    """Encode the instructions, label the rewards and build the tables and sampler."""
+    spec = inputs.spec
     encoder = shared_encoder(config.encoder, embedding_cache)
     reward_fn = stored_rewards if config.reward == "stored" else relabel_rewards(spec, config.reward)
-    real_buffer = build_replay_buffer(real, spec, encoder.encode, reward_fn)
+    real_buffer = build_replay_buffer(inputs.real, spec, encoder.encode, reward_fn)
     real_table = TransitionTable.from_replay_buffer(real_buffer)
+    fake_sets = inputs.imaginary
     sources = [_merge(fake_sets)] if fake_sets and config.imaginary_mix == "pooled" else fake_sets
     fake_tables = [TransitionTable.from_replay_buffer(build_replay_buffer(d, spec, encoder.encode, reward_fn))
                    for d in sources]
     sampler = MixedSampler(real_table, fake_tables, config.resolved_batch_size(), config.imaginary_ratio)
+    observation_shape = real_buffer.dataset_info.observation_signature.shape[0]
+    return _Batches(real_table, fake_tables, sampler, observation_shape, encoder.dim)
 
+
+def _build_algo(config: TrainConfig, spec: EnvSpec, batches: _Batches) -> d3rlpy.base.LearnableBase:
+    """The d3rlpy learner with freshly seeded networks (observations standardised with
+    the real data's statistics when ``config.standardize``)."""
     scaler = None
     if config.standardize:
         scaler = d3rlpy.preprocessing.StandardObservationScaler(
-            mean=real_table.observations.mean(axis=0), std=real_table.observations.std(axis=0)
+            mean=batches.real.observations.mean(axis=0), std=batches.real.observations.std(axis=0)
         )
     d3rlpy.seed(config.seed)
     algo = build_algo_config(config, spec, scaler).create(device=CPU)
-    algo.create_impl(real_buffer.dataset_info.observation_signature.shape[0], spec.action_dim)
-    save_algo_config(algo, out / ALGO_FILE)
-    rng = np.random.default_rng(config.seed)
+    algo.create_impl(batches.observation_shape, spec.action_dim)
+    return algo
+
+
+@dataclasses.dataclass(frozen=True)
+class _Progress:
+    """Where a run stands: steps done, seconds spent on them, the loss curve so far."""
+
+    step: int
+    seconds: float
+    curve: list[dict[str, float]]
+
+
+def _restore_checkpoint(
+    out: Path, state: dict | None, algo: d3rlpy.base.LearnableBase, rng: np.random.Generator
+) -> _Progress:
+    """Put the checkpoint ``state`` (if any) back into ``algo``, the sampler's ``rng``
+    and torch's RNG, and say where the run stands."""
+    if state is None:
+        return _Progress(step=0, seconds=0.0, curve=[])
+    step, seconds = int(state["step"]), float(state["seconds"])
+    load_weights(algo, out / CHECKPOINT_DIR / _checkpoint_model(state))
+    try:
+        rng.bit_generator.state = state["numpy_rng"]
+        _torch_rng_from_json(state["torch_rng"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"checkpoint state {out / CHECKPOINT_DIR / STATE_FILE}: unusable RNG state "
+                         f"({type(exc).__name__}: {exc})") from None
+    algo.set_grad_step(step)
     curve: list[dict[str, float]] = []
-    step, seconds = 0, 0.0
-    if state is not None:
-        step, seconds = int(state["step"]), float(state["seconds"])
-        load_weights(algo, out / CHECKPOINT_DIR / _checkpoint_model(state))
-        try:
-            rng.bit_generator.state = state["numpy_rng"]
-            _torch_rng_from_json(state["torch_rng"])
-        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-            raise ValueError(f"checkpoint state {out / CHECKPOINT_DIR / STATE_FILE}: unusable RNG state "
-                             f"({type(exc).__name__}: {exc})") from None
-        algo.set_grad_step(step)
-        if (out / CURVE_FILE).exists():
-            curve = [row for row in read_curve(out / CURVE_FILE) if row["step"] <= step]
+    if (out / CURVE_FILE).exists():
+        curve = [row for row in read_curve(out / CURVE_FILE) if row["step"] <= step]
+    return _Progress(step=step, seconds=seconds, curve=curve)
 
-    description.update(
-        observation_dim=int(real_table.observations.shape[1]),
-        state_dim=spec.state_dim,
-        embedding_dim=encoder.dim,
-        action_size=spec.action_dim,
-        real_transitions=len(real_table),
-        imaginary_transitions=sum(len(t) for t in fake_tables),
-        batch_real=sampler.n_real,
-        batch_imaginary=sampler.n_imaginary,
-        completed_steps=step,
-        train_seconds=seconds,
-    )
-    write_json_atomic(out / CONFIG_FILE, description)
 
+def _run_steps(
+    out: Path,
+    config: TrainConfig,
+    algo: d3rlpy.base.LearnableBase,
+    sampler: MixedSampler,
+    rng: np.random.Generator,
+    done: _Progress,
+    last_step: int,
+    progress: bool,
+) -> tuple[int, float, dict[str, float]]:
+    """Gradient steps from ``done.step`` to ``last_step``, checkpointing every
+    ``config.checkpoint_every`` steps and at ``last_step``. Return the step reached,
+    the seconds spent in all (``done.seconds`` included) and the last step's losses."""
+    step, seconds, curve = done.step, done.seconds, done.curve
     started = time.perf_counter()
     loss: dict[str, float] = {}
-    last_step = config.steps if stop_after is None else min(config.steps, stop_after)
     # closed on errors too, so an error message starts on a line of its own
     with tqdm(total=config.steps, initial=step, desc=f"train {config.algo}", disable=not progress,
               unit="step") as bar:
@@ -215,14 +281,30 @@ def train(
                 elapsed = seconds + time.perf_counter() - started
                 _save_checkpoint(out, algo, rng, step, elapsed, curve)
     seconds += time.perf_counter() - started
-    if step < config.steps:
-        description.update(completed_steps=step, train_seconds=round(seconds, 3))
-        write_json_atomic(out / CONFIG_FILE, description)
-        return TrainResult(policy_dir=out, steps=step, seconds=seconds, final_loss=loss)
-    save_weights(algo, out / MODEL_FILE)
+    return step, seconds, loss
+
+
+def _finish(out: Path, config: TrainConfig, algo: d3rlpy.base.LearnableBase, description: dict, step: int,
+            seconds: float, loss: dict[str, float]) -> TrainResult:
+    """Write the final weights once the run has all its steps (a run stopped early has
+    only its checkpoint), then the steps and time done into the run's description."""
+    if step >= config.steps:
+        save_weights(algo, out / MODEL_FILE)
     description.update(completed_steps=step, train_seconds=round(seconds, 3))
     write_json_atomic(out / CONFIG_FILE, description)
     return TrainResult(policy_dir=out, steps=step, seconds=seconds, final_loss=loss)
+
+
+def _rng_to_json(rng: np.random.Generator) -> dict[str, Any]:
+    return rng.bit_generator.state
+
+
+def _torch_rng_to_json() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+
+
+def _torch_rng_from_json(text: str) -> None:
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy()))
 
 
 def _save_checkpoint(
