@@ -182,7 +182,8 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
     for seed, *trained in zip(manifest["seeds"], names["train"]["baseline"], names["train"]["kalm"]):
         for method, name in zip(("baseline", "kalm"), trained):
             curves[f"{method} seed {seed}"] = read_curve(stages / name / "policy" / "curve.csv")
-    used = [names["collect"], names["ground"], *names["imagine"].values(), *names["train"]["baseline"],
+    imagined = dict(names["imagine"])
+    used = [names["collect"], names["ground"], *imagined.values(), *names["train"]["baseline"],
             *names["train"]["kalm"], *names["evaluate"]["baseline"], *names["evaluate"]["kalm"],
             names["llm-policy"], names["showcase"]]
     showcase_dir = stages / names["showcase"]
@@ -195,7 +196,7 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
                  "llm-policy": level_results([stages / names["llm-policy"] / "results.json"])},
         differences={"kalm - baseline": paired_differences(results_files["kalm"], results_files["baseline"])},
         curves=curves,
-        hallucination={level: record(name)["summary"] for level, name in names["imagine"].items()},
+        hallucination={level: record(name)["summary"] for level, name in imagined.items()},
         grounding={k: v for k, v in record(names["ground"])["summary"].items() if isinstance(v, (int, float))},
         timings=_stage_times(record(name) for name in sorted(used)),
         showcases=showcases,

@@ -64,6 +64,9 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     assert "kalm - baseline (paired)" in text
     assert f"{100 * seen_diff:+.1f} [" in next(line for line in text.splitlines() if line.startswith("| seen |"))
 
+    imagined_rows = text.split("## Imagined rollouts")[1].split("##")[0]
+    rows = [line.split("|")[1].strip() for line in imagined_rows.splitlines() if line.startswith("| ")][1:]
+    assert rows == list(config.levels)  # in the run's order
     # the report is rebuilt from the run directory alone, to the byte
     written = {name: (tmp_path / name).read_bytes() for name in ("report.md", "report.html")}
     for name in written:

@@ -60,7 +60,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             "stages": {
                 "collect": real.path.name,
                 "ground": grounded.path.name,
-                "imagine": {s.name.removeprefix("imagine-"): s.path.name for s in imagined},
+                # pairs, not an object: the levels keep their order in the sorted JSON
+                "imagine": [[s.name.removeprefix("imagine-"), s.path.name] for s in imagined],
                 "train": {method: names(method, 0) for method in ("baseline", "kalm")},
                 "evaluate": {method: names(method, 1) for method in ("baseline", "kalm")},
                 "llm-policy": llm_evaluation.path.name,
