@@ -73,6 +73,32 @@ def collect(
     typer.echo(summarize(dataset, max_tasks=0))
 
 
+@data_app.command()
+def hindsight(
+    env: str = typer.Option("clevr", help="Environment name."),
+    episodes: int = typer.Option(20000, help="Number of determined episodes to keep."),
+    out: Path = typer.Option(..., help="Episode file to write (HDF5)."),
+    seed: int = typer.Option(0, help="Seed; episode i depends only on (seed, i)."),
+    max_steps: int = typer.Option(4, help="Actions per rollout before it is dropped for achieving nothing."),
+    expert_share: float = typer.Option(0.25, help="Share of rollouts steered by the epsilon-expert."),
+    chunk_size: int = typer.Option(1000, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
+) -> None:
+    """Short rollouts labelled with the one training goal each achieved (grounding data; resumable)."""
+    try:
+        from kalm.data.collect import collect_to_file
+        from kalm.data.hindsight import HindsightConfig
+        from kalm.data.summary import summarize
+        from kalm.envs import get_spec
+
+        config = HindsightConfig(episodes=episodes, seed=seed, max_steps=max_steps, expert_share=expert_share,
+                                 chunk_size=chunk_size)
+        dataset = collect_to_file(get_spec(env), config, out, desc=f"hindsight {env}")
+    except (ValueError, OSError, RuntimeError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}")
+    typer.echo(summarize(dataset, max_tasks=0))
+
+
 @data_app.command("import-kalm")
 def import_kalm(
     src: Path = typer.Option(..., help="Original KALM CLEVR .npz (pickle-free)."),

@@ -1,5 +1,8 @@
 """Real episodes from the scripted expert: the "offline data" every method starts from.
 
+Any episode source that follows :class:`EpisodeSource` (this expert, or the hindsight
+labeller in :mod:`kalm.data.hindsight`) is written the same checkpointed way.
+
 Episode ``i`` depends only on ``(seed, i)``: its goal is training task ``i mod n_tasks``
 (so every goal gets episodes), and its start state, phrasing and the expert's random
 pushes come from a generator seeded with ``[seed, i]``. A collection can therefore be
@@ -17,6 +20,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -24,6 +28,24 @@ from tqdm import tqdm
 from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, save_episodes
 from kalm.envs.spec import EnvSpec
 from kalm.files import make_dirs, raise_naming
+
+
+class EpisodeSource(Protocol):
+    """A frozen config that can make episode ``index`` of its collection on its own.
+
+    ``make_episode`` must depend only on the config and ``index`` (not on which episodes
+    were made before in the same env), so a collection can be cut into shards, killed
+    and resumed and still give the same file.
+    """
+
+    episodes: int
+    chunk_size: int
+
+    def check(self, spec: EnvSpec) -> None: ...
+
+    def make_episode(self, spec: EnvSpec, env, index: int) -> Episode: ...
+
+    def metadata(self, spec: EnvSpec) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -56,18 +78,20 @@ class CollectConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
+    def make_episode(self, spec: EnvSpec, env, index: int) -> Episode:
+        return collect_episode(spec, env, index, self)
 
-def _metadata(spec: EnvSpec, config: CollectConfig) -> dict:
-    return {
-        "source": "expert",
-        "env": spec.name,
-        "episodes": config.episodes,
-        "seed": config.seed,
-        "epsilon": config.epsilon,
-        "reward": config.reward,
-        "tasks": "training",
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    def metadata(self, spec: EnvSpec) -> dict:
+        return {
+            "source": "expert",
+            "env": spec.name,
+            "episodes": self.episodes,
+            "seed": self.seed,
+            "epsilon": self.epsilon,
+            "reward": self.reward,
+            "tasks": "training",
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 _MAX_START_TRIES = 100
@@ -111,13 +135,13 @@ def collect_episode(spec: EnvSpec, env, index: int, config: CollectConfig) -> Ep
     )
 
 
-def collect_range(spec: EnvSpec, config: CollectConfig, start: int, stop: int, progress=None) -> list[Episode]:
+def collect_range(spec: EnvSpec, config: EpisodeSource, start: int, stop: int, progress=None) -> list[Episode]:
     """Episodes ``start .. stop-1`` of the collection described by ``config``."""
     env = spec.make_env()
     try:
         episodes = []
         for i in range(start, stop):
-            episodes.append(collect_episode(spec, env, i, config))
+            episodes.append(config.make_episode(spec, env, i))
             if progress is not None:
                 progress.update(1)
         return episodes
@@ -138,7 +162,7 @@ def collect_expert(
     config.check(spec)
     with tqdm(total=episodes, desc=f"collect {spec.name}", unit="ep", disable=not progress) as bar:
         eps = collect_range(spec, config, 0, episodes, bar)
-    return EpisodeDataset(env=spec.name, episodes=tuple(eps), metadata=_metadata(spec, config))
+    return EpisodeDataset(env=spec.name, episodes=tuple(eps), metadata=config.metadata(spec))
 
 
 def partial_dir(out: Path) -> Path:
@@ -150,7 +174,7 @@ def _shard_path(directory: Path, chunk: int) -> Path:
     return directory / f"shard-{chunk:05d}.h5"
 
 
-def _start_or_resume(spec: EnvSpec, config: CollectConfig, directory: Path) -> None:
+def _start_or_resume(spec: EnvSpec, config: EpisodeSource, directory: Path) -> None:
     """Create the shard directory, or check that an existing one belongs to the same
     collection (resuming with other settings would mix two datasets)."""
     wanted = {"env": spec.name, **asdict(config)}
@@ -179,7 +203,8 @@ def _start_or_resume(spec: EnvSpec, config: CollectConfig, directory: Path) -> N
         raise_naming(exc, config_file)
 
 
-def collect_to_file(spec: EnvSpec, config: CollectConfig, out: str | Path, progress: bool = True) -> EpisodeDataset:
+def collect_to_file(spec: EnvSpec, config: EpisodeSource, out: str | Path, progress: bool = True,
+                    desc: str | None = None) -> EpisodeDataset:
     """Collect into ``out`` in checkpointed chunks, resuming an interrupted run.
 
     Finished chunks are saved (atomically) as shards in ``<out>.partial/``; existing
@@ -192,7 +217,7 @@ def collect_to_file(spec: EnvSpec, config: CollectConfig, out: str | Path, progr
     _start_or_resume(spec, config, directory)
     n_chunks = -(-config.episodes // config.chunk_size)
     episodes: list[Episode] = []
-    with tqdm(total=config.episodes, desc=f"collect {spec.name}", unit="ep", disable=not progress) as bar:
+    with tqdm(total=config.episodes, desc=desc or f"collect {spec.name}", unit="ep", disable=not progress) as bar:
         for chunk in range(n_chunks):
             start = chunk * config.chunk_size
             stop = min(start + config.chunk_size, config.episodes)
@@ -206,7 +231,7 @@ def collect_to_file(spec: EnvSpec, config: CollectConfig, out: str | Path, progr
                 done = tuple(collect_range(spec, config, start, stop, bar))
                 save_episodes(EpisodeDataset(spec.name, done, {"shard": chunk, **asdict(config)}), shard)
             episodes.extend(done)
-    dataset = EpisodeDataset(env=spec.name, episodes=tuple(episodes), metadata=_metadata(spec, config))
+    dataset = EpisodeDataset(env=spec.name, episodes=tuple(episodes), metadata=config.metadata(spec))
     save_episodes(dataset, out)
     shutil.rmtree(directory)
     return dataset
