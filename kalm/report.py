@@ -99,6 +99,46 @@ def hallucination_table(inputs: ReportInputs) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+# (metric, what it measures, measuring stick metric or None, what the stick is), in report order
+_GROUNDING_ROWS = (
+    ("dynamics_mse", "Dynamics: mean squared error of the next state", "copy_baseline_mse",
+     "predicting no change"),
+    ("explanation_accuracy", "Explanation of held-out expert episodes: the exact task",
+     "explanation_chance_among_achieved", "a random pick among the tasks achieved"),
+    ("explanation_equivalent", "Explanation of held-out expert episodes: the same goal",
+     "explanation_equivalent_chance_among_achieved", "a random pick among the goals achieved"),
+    ("explanation_achieved", "Explanation of held-out expert episodes: a goal the trajectory achieved", None, ""),
+    ("determined_explanation_equivalent",
+     "Explanation of held-out trajectories that achieved exactly one goal: that goal", None, ""),
+    ("generation_success", "Generation from held-out starts and phrasings: reaches the goal in imagination", None,
+     ""),
+)
+_PERCENT_METRICS = {"explanation_accuracy", "explanation_chance_among_achieved", "explanation_equivalent",
+                    "explanation_equivalent_chance_among_achieved", "explanation_achieved",
+                    "determined_explanation_equivalent", "generation_success"}
+
+
+def _grounding_value(metrics: Mapping[str, float], key: str | None) -> str:
+    if key is None or key not in metrics:
+        return "–"
+    value = metrics[key]
+    return f"{_pct(value)} %" if key in _PERCENT_METRICS else f"{value:.4g}"
+
+
+def grounding_table(metrics: Mapping[str, float]) -> str:
+    """The grounded LLM's held-out measures, each beside what it should beat."""
+    rows = ["| measure | grounded LLM | measuring stick |", "|---|---|---|"]
+    for key, label, stick, stick_label in _GROUNDING_ROWS:
+        if key in metrics:
+            beside = f"{_grounding_value(metrics, stick)} ({stick_label})" if stick in metrics else "–"
+            rows.append(f"| {label} | {_grounding_value(metrics, key)} | {beside} |")
+    details = [f"{metrics[k]:g} {label}" for k, label in (
+        ("steps", "steps"), ("train_seconds", "s training"), ("tokens_per_second", "tokens/s"),
+        ("train_episodes", "expert episodes"), ("hindsight_train_episodes", "hindsight episodes"),
+        ("eval_seconds", "s evaluating")) if metrics.get(k)]
+    return "\n".join(rows) + ("\n\n" + ", ".join(details) + "." if details else "")
+
+
 def _replay(replay: Mapping | None) -> str:
     """Kept rollouts whose actions, executed from the same start in the simulator, reach
     the goal (an audit of the imagined success labels)."""
@@ -183,7 +223,8 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
         for method, name in zip(("baseline", "kalm"), trained):
             curves[f"{method} seed {seed}"] = read_curve(stages / name / "policy" / "curve.csv")
     imagined = dict(names["imagine"])
-    used = [names["collect"], names["ground"], *imagined.values(), *names["train"]["baseline"],
+    used = [names["collect"], *([names["hindsight"]] if names.get("hindsight") else []), names["ground"],
+            *imagined.values(), *names["train"]["baseline"],
             *names["train"]["kalm"], *names["evaluate"]["baseline"], *names["evaluate"]["kalm"],
             names["llm-policy"], names["showcase"]]
     showcase_dir = stages / names["showcase"]
@@ -248,9 +289,7 @@ def _markdown(inputs: ReportInputs, has_curves: bool, gifs: Sequence[tuple[str, 
           "and starts for the same seed), with a 95 % interval on the per-episode differences.", "",
           success_table(inputs), "", "![success](report_files/success.png)", ""]
     if inputs.grounding:
-        md += ["## Grounding", "", "| metric | value |", "|---|---|"]
-        md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in inputs.grounding.items()]
-        md.append("")
+        md += ["## Grounding", "", grounding_table(inputs.grounding), ""]
     if inputs.hallucination:
         md += ["## Imagined rollouts", "", hallucination_table(inputs), "",
                "*Reach goal*: the task's predicate holds on an imagined state. *Kept and real on replay*: the "

@@ -363,3 +363,50 @@ def test_merged_lora_gives_the_same_outputs_and_cannot_be_saved(tiny_backbone, t
     torch.testing.assert_close(hidden(model), before, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="merged"):
         model.save(tmp_path / "merged")
+
+
+def test_hindsight_share_draws_that_share_of_examples_from_the_extra_pool():
+    from kalm.envs import get_spec
+    from kalm.grounding.data import ExampleSampler, prepare_episodes
+
+    spec = get_spec("clevr")
+    expert, extra = prepare_episodes(_dataset(n=6), spec), prepare_episodes(_dataset(n=6, seed=1), spec)
+    extra_states = {s.tobytes() for e in extra for s in e.observations}
+
+    class Builder:  # an example is the state it starts from
+        def goal(self, state, text, final):
+            return state
+
+        def dynamics(self, state, action, next_state):
+            return state
+
+    rng = np.random.default_rng(0)
+    for share in (0.0, 0.3, 1.0):
+        sampler = ExampleSampler(Builder(), expert, 16, extra=extra, extra_share=share)
+        for task in ("goal", "dynamics"):
+            from_extra = np.mean([sampler.example(task, rng).tobytes() in extra_states for _ in range(2000)])
+            assert abs(from_extra - share) < 0.04, (task, share, from_extra)
+    with pytest.raises(ValueError, match="none reaches its goal"):
+        ExampleSampler(Builder(), expert, 16, extra=[], extra_share=0.5)
+
+
+def test_grounding_with_hindsight_episodes_scores_determined_explanation(tiny_backbone, tmp_path):
+    from kalm.data.collect import collect_expert, collect_range
+    from kalm.data.episodes import EpisodeDataset
+    from kalm.data.hindsight import HindsightConfig
+    from kalm.envs import get_spec
+
+    spec = get_spec("clevr")
+    hindsight_config = HindsightConfig(episodes=20, seed=1, expert_share=0.0)
+    hindsight = EpisodeDataset("clevr", tuple(collect_range(spec, hindsight_config, 0, 20)), {})
+    data = collect_expert(spec, episodes=10, seed=0, progress=False)
+    config = GroundingConfig(steps=2, checkpoint_every=0, batch_tokens=160, max_batch_size=4, eval_episodes=3,
+                             explanation_max_tokens=2, generation_max_steps=2, num_threads=1, precision="fp32",
+                             validation_fraction=0.2, hindsight_share=0.5)
+    metrics = train_grounding(spec, data, str(tiny_backbone), tmp_path / "g", config, progress=False,
+                              hindsight=hindsight)
+    assert metrics["hindsight_train_episodes"] == 16
+    assert metrics["determined_explanation_episodes"] == 3
+    assert 0.0 <= metrics["determined_explanation_accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="no hindsight episodes were given"):
+        train_grounding(spec, data, str(tiny_backbone), tmp_path / "h", config, progress=False)

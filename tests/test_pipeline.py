@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kalm.cli import app
+from kalm.data.hindsight import HindsightConfig
 from kalm.evaluation.stats import paired_differences
 from kalm.pipeline import PRESETS, LevelPlan, check_config, load_config, run_pipeline
 from kalm.pipeline.cache import StageCache
@@ -28,7 +29,9 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
 
     tiny = PRESETS["clevr-tiny"]()
     config = replace(tiny, llm=tiny_llm, seeds=(0, 1),
-                     levels={**tiny.levels, "rephrase": LevelPlan(max_steps=2), "easy": LevelPlan(temperature=1.0)})
+                     levels={**tiny.levels, "rephrase": LevelPlan(max_steps=2), "easy": LevelPlan(temperature=1.0)},
+                     hindsight=HindsightConfig(episodes=20, expert_share=0.0, chunk_size=10),
+                     grounding=replace(tiny.grounding, hindsight_share=0.25))
     monkeypatch.setattr(kalm.pipeline.stages, "free_cores", lambda: 2)  # the policies train in two worker processes
     report = run_pipeline(config, tmp_path)
     text = report.read_text()
@@ -39,6 +42,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     assert (tmp_path / "report.html").exists() and (tmp_path / "report_files" / "success.png").exists()
     stages = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "stages").iterdir() if not p.name.startswith("."))
     assert "collect" in stages and "ground" in stages and "imagine-hard" in stages and "showcase" in stages
+    assert "hindsight" in stages
 
     def stage(prefix):
         (path,) = (tmp_path / "stages").glob(f"{prefix}-*")
@@ -130,6 +134,14 @@ def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
         load_config(str(bad))
     with pytest.raises(ValueError, match="not a preset"):
         load_config("clevr-huge")
+    both = tmp_path / "hindsight.json"
+    both.write_text(json.dumps({"hindsight": {"episodes": 500}, "grounding": {"hindsight_share": 0.3}}))
+    config = load_config(str(both))
+    assert config.hindsight.episodes == 500 and config.grounding.hindsight_share == 0.3
+    with pytest.raises(ValueError, match=r"hindsight_share.*needs hindsight episodes"):
+        check_config(replace(config, hindsight=HindsightConfig(episodes=0)))
+    with pytest.raises(ValueError, match=r"'hindsight'.*expert_share"):
+        check_config(replace(config, hindsight=HindsightConfig(episodes=5, expert_share=2.0)))
 
 
 def _check_adopting_a_grounded_model(config, grounded, out):

@@ -28,7 +28,8 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
         curves={"kalm seed 0": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]},
         hallucination={"easy": {"counts": {"generated": 10, "kept": 8}, "success_share": 0.7,
                                 "hallucination": {"transition_share": {"too_far": 0.1, "non_finite": 0.0}}}},
-        grounding={"dynamics_improvement": 3.2},
+        grounding={"dynamics_mse": 0.004, "copy_baseline_mse": 0.006, "explanation_accuracy": 0.03,
+                   "explanation_chance_among_achieved": 0.2, "generation_success": 0.06, "steps": 400},
         timings={"collect": 12.0},
         showcases=[Showcase("Push the red ball left", gif, True, False)],
         notes=["a note"],
@@ -38,6 +39,9 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
     text = md.read_text()
     assert "| seen | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] | +4.2 [+0.2, +8.3] |" in text
     assert "| rephrase | – |" in text and "| easy | 50.0 % [40.0, 60.0] | 50.0 % [40.0, 60.0] | – |" in text
+    assert "| Dynamics: mean squared error of the next state | 0.004 | 0.006 (predicting no change) |" in text
+    assert "| Explanation of held-out expert episodes: the exact task | 3.0 % | 20.0 % (a random pick" in text
+    assert "reaches the goal in imagination | 6.0 % | – |" in text and "400 steps." in text
     page = (out / "report.html").read_text()
     assert "<table>" in page and "showcase_0.gif" in page and "<h2>Imagined rollouts</h2>" in page
     shown = Image.open(out / "report_files" / "showcase_0.gif")

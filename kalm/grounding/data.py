@@ -84,10 +84,15 @@ def split_episodes(episodes: list, validation_fraction: float, seed: int) -> tup
 
 
 class ExampleSampler:
-    """Draws training examples of each task from a set of episodes."""
+    """Draws training examples of each task from a set of episodes.
+
+    ``extra`` is a second pool (hindsight-labelled simulator rollouts) that each
+    example comes from with probability ``extra_share``: the expert episodes keep their
+    weight however many extra episodes there are.
+    """
 
     def __init__(self, builder: PromptBuilder, episodes: list[GroundingEpisode], max_trajectory_steps: int,
-                 validation: bool = False):
+                 validation: bool = False, extra: list[GroundingEpisode] | None = None, extra_share: float = 0.0):
         self.builder = builder
         self.episodes = episodes
         self.max_steps = max_trajectory_steps
@@ -95,6 +100,18 @@ class ExampleSampler:
         self.successful = [e for e in episodes if e.success]
         if not self.successful:
             raise ValueError("no episode reaches its task's goal; explanation, generation and goal examples need some")
+        if not 0.0 <= extra_share <= 1.0:
+            raise ValueError(f"extra_share must be in [0, 1], got {extra_share}")
+        self.extra = [e for e in extra or () if e.success]
+        if extra_share > 0 and not self.extra:
+            raise ValueError("a share of examples from extra episodes was asked for, but none reaches its goal")
+        self.extra_share = extra_share
+
+    def _pools(self, rng: np.random.Generator) -> tuple[list[GroundingEpisode], list[GroundingEpisode]]:
+        """(all episodes, successful episodes) of the pool this example comes from."""
+        if self.extra_share > 0 and rng.random() < self.extra_share:
+            return self.extra, self.extra
+        return self.episodes, self.successful
 
     def phrasing(self, ep: GroundingEpisode, rng: np.random.Generator) -> str:
         options = ep.validation_phrasings if self.validation else ep.train_phrasings
@@ -102,11 +119,12 @@ class ExampleSampler:
 
     def example(self, task: str, rng: np.random.Generator) -> Example:
         b = self.builder
+        everything, successful = self._pools(rng)
         if task == "dynamics":
-            ep = self.episodes[int(rng.integers(len(self.episodes)))]
+            ep = everything[int(rng.integers(len(everything)))]
             t = int(rng.integers(ep.length))
             return b.dynamics(ep.observations[t], ep.actions[t], ep.observations[t + 1])
-        ep = self.successful[int(rng.integers(len(self.successful)))]
+        ep = successful[int(rng.integers(len(successful)))]
         text = self.phrasing(ep, rng)
         if task == "explanation":
             return b.explanation(*self.explanation_window(ep), text)

@@ -80,6 +80,9 @@ class GroundingConfig:
         ("dynamics", 0.5), ("explanation", 1.0), ("generation", 3.0), ("goal", 0.5))
     max_trajectory_steps: int = 16
     validation_fraction: float = 0.1
+    # Share of examples drawn from hindsight-labelled simulator rollouts (kalm.data.hindsight)
+    # when train_grounding is given some; their held-out part is scored either way.
+    hindsight_share: float = 0.0
     precision: str = "auto"  # auto | bf16 | fp32
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -104,6 +107,8 @@ class GroundingConfig:
         unknown = [n for n, _ in self.task_weights if n not in TASKS]
         if unknown:
             raise ValueError(f"unknown grounding task {unknown[0]!r} (expected one of {', '.join(TASKS)})")
+        if not 0.0 <= self.hindsight_share <= 1.0:
+            raise ValueError(f"hindsight_share must be in [0, 1], got {self.hindsight_share}")
         for name in ("steps", "batch_tokens", "max_batch_size", "grad_accum", "max_trajectory_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -214,9 +219,14 @@ def _start(spec, episodes, backbone: str, config: GroundingConfig, checkpoint: P
 
 def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig | None = None,
                     resume: bool = False, llm=None, tokenizer=None, progress: bool = True,
-                    stop_after: int | None = None) -> dict:
+                    stop_after: int | None = None, hindsight=None) -> dict:
     """Ground ``backbone`` on ``dataset`` for ``spec``; writes ``out/model``,
     ``out/metrics.json`` and checkpoints, and returns the metrics.
+
+    ``hindsight`` (an episode dataset from :mod:`kalm.data.hindsight`) is split like the
+    expert data: ``config.hindsight_share`` of the training examples come from its
+    training part, and its held-out part measures explanation where the answer is
+    determined.
 
     ``llm``/``tokenizer`` may be passed pre-built (tests use a tiny random model).
     ``stop_after`` ends this session after that many steps with a checkpoint (a
@@ -239,11 +249,13 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     episodes = prepare_episodes(dataset, spec)
+    hindsight_train, hindsight_val = _hindsight_split(spec, hindsight, config)
     start = _start(spec, episodes, backbone, config, _refuse_bad_resume(out, resume, accelerator), llm, tokenizer)
     model, split = start.model, start.split
     train_eps = [episodes[i] for i in split["train"]]
     val_eps = [episodes[i] for i in split["validation"]]
-    sampler = ExampleSampler(model.prompts, train_eps, config.max_trajectory_steps)
+    sampler = ExampleSampler(model.prompts, train_eps, config.max_trajectory_steps,
+                             extra=hindsight_train, extra_share=config.hindsight_share)
 
     model.train()
     lr = config.full_lr if config.finetune == "full" else config.lr
@@ -268,8 +280,22 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
                      "precision": precision, "train_attention": attention,
                      "torch_threads": torch.get_num_threads(), "resumed_from": start.step,
                      "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
+                     "hindsight_train_episodes": len(hindsight_train) if config.hindsight_share else 0,
                      "final_running_loss": loop.running}
-    return _finish(accelerator, objective, spec, val_eps, config, out, split, metrics)
+    return _finish(accelerator, objective, spec, (val_eps, hindsight_val), config, out, split, metrics)
+
+
+def _hindsight_split(spec, hindsight, config: GroundingConfig) -> tuple[list, list]:
+    """Training and held-out hindsight episodes (a seeded split, recomputed on resume)."""
+    if hindsight is None:
+        if config.hindsight_share > 0:
+            raise ValueError(f"hindsight_share is {config.hindsight_share} but no hindsight episodes were given")
+        return [], []
+    if hindsight.env != spec.name:
+        raise ValueError(f"the hindsight episodes were collected in env {hindsight.env!r}, not {spec.name!r}")
+    episodes = prepare_episodes(hindsight, spec)
+    train_idx, val_idx = split_episodes(episodes, config.validation_fraction, config.seed)
+    return [episodes[i] for i in train_idx], [episodes[i] for i in val_idx]
 
 
 class _TrainingLoop:
@@ -335,8 +361,8 @@ class _TrainingLoop:
         self.running[task] = value if task not in self.running else 0.9 * self.running[task] + 0.1 * value
 
 
-def _finish(accelerator, objective, spec, val_eps, config: GroundingConfig, out: Path, split: dict,
-            metrics: dict) -> dict:
+def _finish(accelerator, objective, spec, held_out: tuple[list, list], config: GroundingConfig, out: Path,
+            split: dict, metrics: dict) -> dict:
     """Save the model, measure it on the held-out episodes, write the metrics and drop
     the checkpoints."""
     model = accelerator.unwrap_model(objective).model
@@ -347,13 +373,14 @@ def _finish(accelerator, objective, spec, val_eps, config: GroundingConfig, out:
             model.save(out / "model")
             write_json_atomic(out / "grounding_config.json", config.to_json())
             write_json_atomic(out / "split.json", split)
+    val_eps, determined = held_out
     if val_eps:
         eval_started = time.time()
         horizon = config.generation_max_steps or min(2 * config.max_trajectory_steps, spec.max_episode_steps)
         metrics.update(evaluate_grounding(model, spec, val_eps, bf16=_precision(config) == "bf16",
                                           seed=config.seed, window=config.max_trajectory_steps, horizon=horizon,
                                           batch_size=config.eval_batch_size, max_episodes=config.eval_episodes,
-                                          max_new_tokens=config.explanation_max_tokens))
+                                          max_new_tokens=config.explanation_max_tokens, determined=determined))
         metrics["eval_seconds"] = round(time.time() - eval_started, 1)
     if accelerator.is_main_process:
         write_json_atomic(out / "metrics.json", _json_safe(metrics))

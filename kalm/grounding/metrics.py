@@ -120,14 +120,32 @@ def generation_success(model, sampler: ExampleSampler, max_steps: int, batch_siz
             "generation_episodes": len(successes)}
 
 
+def determined_explanation(model, spec, episodes: list[GroundingEpisode], window: int, batch_size: int,
+                           max_new_tokens: int, max_episodes: int) -> dict:
+    """Explanation of held-out trajectories that achieved exactly one training goal
+    (:mod:`kalm.data.hindsight`): each has one right description, so accuracy here is
+    reading, not guessing among side effects."""
+    sampler = ExampleSampler(model.prompts, episodes, window, validation=True)
+    found = explanation_accuracy(model, spec, sampler, batch_size, max_new_tokens, max_episodes)
+    return {"determined_explanation_accuracy": found["explanation_accuracy"],
+            "determined_explanation_equivalent": found["explanation_equivalent"],
+            "determined_explanation_episodes": found["explanation_episodes"],
+            "determined_explanation_samples": found["explanation_samples"]}
+
+
 def evaluate_grounding(model, spec, episodes: list[GroundingEpisode], *, bf16: bool, seed: int, window: int,
-                       horizon: int, batch_size: int, max_episodes: int, max_new_tokens: int) -> dict:
+                       horizon: int, batch_size: int, max_episodes: int, max_new_tokens: int,
+                       determined: list[GroundingEpisode] | None = None) -> dict:
     """Every held-out metric of a grounded model: dynamics on ``episodes``' transitions;
     explanation of windows of at most ``window`` steps and generation of rollouts of
-    at most ``horizon`` steps, on up to ``max_episodes`` successful episodes."""
+    at most ``horizon`` steps, on up to ``max_episodes`` successful episodes; and, given
+    ``determined`` episodes, explanation where the answer is unambiguous."""
     model.eval()
     with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16):
         metrics = dynamics_mse(model, episodes, seed=seed)
+        if determined:
+            metrics.update(determined_explanation(model, spec, determined, window, batch_size, max_new_tokens,
+                                                  max_episodes))
         try:
             sampler = ExampleSampler(model.prompts, episodes, window, validation=True)
         except ValueError:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kalm.data.collect import CollectConfig
+from kalm.data.hindsight import HindsightConfig
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
 from kalm.grounding.finetune import GroundingConfig
@@ -84,6 +85,9 @@ class PipelineConfig:
     sized for about 30 minutes on 2 CPU cores with the embedded SmolLM2-135M.
 
     ``levels`` maps each imagined level, in order, to its :class:`LevelPlan`.
+    ``hindsight``: simulator rollouts labelled with the one goal they achieved, for
+    grounding (``grounding.hindsight_share`` of its examples) and for scoring
+    explanation where the answer is determined; ``episodes=0`` leaves them out.
     ``grounded_model``: a model directory written by ``kalm ground`` (for instance on a
     GPU machine); when set, the ground stage adopts it instead of training, and ``llm``
     and ``grounding`` are not used.
@@ -93,6 +97,7 @@ class PipelineConfig:
     llm: str = "smollm2"
     grounded_model: str = ""
     collect: CollectConfig = field(default_factory=lambda: CollectConfig(episodes=1600, epsilon=0.1))
+    hindsight: HindsightConfig = field(default_factory=lambda: HindsightConfig(episodes=0))
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     levels: dict[str, LevelPlan] = field(default_factory=_default_levels)
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
@@ -168,6 +173,13 @@ def check_config(config: PipelineConfig) -> EnvSpec:
         config.collect.check(spec)
     except (TypeError, ValueError) as exc:  # TypeError: a mistyped value compared with a number
         raise ValueError(f"config field 'collect': {exc}") from None
+    if config.hindsight.episodes:
+        try:
+            config.hindsight.check(spec)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config field 'hindsight': {exc}") from None
+    elif config.grounding.hindsight_share > 0 and not config.grounded_model:
+        raise ValueError("config field 'grounding.hindsight_share': needs hindsight episodes (hindsight.episodes > 0)")
     for level, plan in config.levels.items():
         if level not in spec.levels:
             raise ValueError(f"config field 'levels': unknown level {level!r} (levels: {', '.join(spec.levels)})")

@@ -20,6 +20,7 @@ from kalm.pipeline.stages import (
     GroundedModel,
     collect_stage,
     ground_stage,
+    hindsight_stage,
     imagine_stage,
     llm_policy_stage,
     policy_stages,
@@ -39,7 +40,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
         (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
         cache = StageCache(out / "stages")
         real = collect_stage(cache, spec, config)
-        grounded = ground_stage(cache, spec, config, real)
+        hindsight = hindsight_stage(cache, spec, config)
+        grounded = ground_stage(cache, spec, config, real, hindsight)
         model = GroundedModel(grounded, spec, config.imagine.precision)
         imagined = [imagine_stage(cache, spec, config, model, level) for level in config.levels]
         policies = policy_stages(cache, config, real, imagined)
@@ -59,6 +61,7 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             "grounded_model": config.grounded_model,
             "stages": {
                 "collect": real.path.name,
+                "hindsight": hindsight.path.name if hindsight else None,
                 "ground": grounded.path.name,
                 # pairs, not an object: the levels keep their order in the sorted JSON
                 "imagine": [[s.name.removeprefix("imagine-"), s.path.name] for s in imagined],

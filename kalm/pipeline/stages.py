@@ -45,18 +45,35 @@ def collect_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) -> S
                      code=["kalm.data.collect"])
 
 
-def ground_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput | None) -> StageOutput:
+def hindsight_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) -> StageOutput | None:
+    """Hindsight-labelled simulator rollouts for grounding; None when the config has none."""
+    if config.hindsight.episodes == 0 or config.grounded_model:
+        return None
+
+    def build(work: Path):
+        dataset = collect_to_file(spec, config.hindsight, work / "hindsight.h5", desc=f"hindsight {spec.name}")
+        lengths = [ep.length for ep in dataset.episodes]
+        return {"episodes": len(lengths), "mean_length": sum(lengths) / len(lengths)}
+
+    return cache.run("hindsight", {"env": spec.name, "hindsight": _as_json(config.hindsight)}, build,
+                     code=["kalm.data.hindsight"])
+
+
+def ground_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput | None,
+                 hindsight: StageOutput | None = None) -> StageOutput:
     if config.grounded_model:
         return adopt_grounded_stage(cache, spec, Path(config.grounded_model))
     from kalm.grounding.finetune import train_grounding
 
     def build(work: Path):
         dataset = load_episodes(real.path / "real.h5", spec)
+        extra = load_episodes(hindsight.path / "hindsight.h5", spec) if hindsight else None
         resume = (work / "checkpoints").exists()
-        return train_grounding(spec, dataset, config.llm, work, config.grounding, resume=resume)
+        return train_grounding(spec, dataset, config.llm, work, config.grounding, resume=resume, hindsight=extra)
 
     settings = {k: v for k, v in config.grounding.to_json().items() if k not in RUNTIME_ONLY}
-    return cache.run("ground", {"llm": config.llm, "grounding": settings}, build, {"real": real.key},
+    inputs = {"real": real.key, **({"hindsight": hindsight.key} if hindsight else {})}
+    return cache.run("ground", {"llm": config.llm, "grounding": settings}, build, inputs,
                      code=["kalm.grounding.finetune"])
 
 
