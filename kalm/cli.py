@@ -186,6 +186,10 @@ def ground(
     threads: int = typer.Option(None, help="Torch CPU threads (default: the idle cores). Results depend on it in the "
                                            "last bits: give the same number to --resume to match an unbroken run."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    hindsight: Path = typer.Option(None, help="Hindsight episodes (`kalm data hindsight`): held-out ones score "
+                                              "explanation where the answer is determined."),
+    hindsight_share: float = typer.Option(None, help="Share of training examples drawn from --hindsight "
+                                                     "(default: GroundingConfig's, 0)."),
 ) -> None:
     """Ground an LLM on episodes: dynamics, explanation, generation and goal prediction."""
     try:
@@ -207,12 +211,14 @@ def ground(
             raise ValueError(f"--checkpoint-every must be >= 0 (0: no checkpoints), got {checkpoint_every}")
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "num_threads": threads}
+        overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "num_threads": threads,
+                     "hindsight_share": hindsight_share}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-        metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume)
+        extra = load_episodes(hindsight, spec) if hindsight else None
+        metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume, hindsight=extra)
     except (ValueError, OSError) as exc:
         _fail(exc)
-    typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "explanation_samples"}, indent=2))
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if not k.endswith("explanation_samples")}, indent=2))
     typer.echo(f"wrote {out / 'model'} and {out / 'metrics.json'}")
 
 

@@ -124,3 +124,16 @@ def test_gives_up_with_a_clear_message_when_nothing_can_be_achieved() -> None:
                 hopeless.make_episode(SPEC, env, index)
     finally:
         env.close()
+
+
+def test_cli_writes_a_hindsight_file_and_names_bad_settings(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+
+    out = tmp_path / "h.h5"
+    result = CliRunner().invoke(app, ["data", "hindsight", "--episodes", "6", "--chunk-size", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "task kinds: relation 6" in result.output and len(load_episodes(out, SPEC)) == 6
+    result = CliRunner().invoke(app, ["data", "hindsight", "--max-steps", "0", "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code != 0 and "max_steps must be >= 1" in result.output
