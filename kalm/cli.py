@@ -60,13 +60,20 @@ def collect(
     chunk_size: int = typer.Option(200, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
 ) -> None:
     """Collect scripted-expert episodes on the training tasks (resumable)."""
+    from kalm.data.collect import CollectConfig
+
+    _collect(env, lambda: CollectConfig(episodes=episodes, seed=seed, epsilon=epsilon, reward=reward,
+                                        chunk_size=chunk_size), out, f"collect {env}")
+
+
+def _collect(env: str, make_config, out: Path, desc: str) -> None:
+    """Write the episodes of ``make_config()`` (an episode source) to ``out`` and summarise them."""
     try:
-        from kalm.data.collect import CollectConfig, collect_to_file
+        from kalm.data.collect import collect_to_file
         from kalm.data.summary import summarize
         from kalm.envs import get_spec
 
-        config = CollectConfig(episodes=episodes, seed=seed, epsilon=epsilon, reward=reward, chunk_size=chunk_size)
-        dataset = collect_to_file(get_spec(env), config, out)
+        dataset = collect_to_file(get_spec(env), make_config(), out, desc=desc)
     except (ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"wrote {out}")
@@ -84,19 +91,10 @@ def hindsight(
     chunk_size: int = typer.Option(1000, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
 ) -> None:
     """Short rollouts labelled with the one training goal each achieved (grounding data; resumable)."""
-    try:
-        from kalm.data.collect import collect_to_file
-        from kalm.data.hindsight import HindsightConfig
-        from kalm.data.summary import summarize
-        from kalm.envs import get_spec
+    from kalm.data.hindsight import HindsightConfig
 
-        config = HindsightConfig(episodes=episodes, seed=seed, max_steps=max_steps, expert_share=expert_share,
-                                 chunk_size=chunk_size)
-        dataset = collect_to_file(get_spec(env), config, out, desc=f"hindsight {env}")
-    except (ValueError, OSError, RuntimeError) as exc:
-        _fail(exc)
-    typer.echo(f"wrote {out}")
-    typer.echo(summarize(dataset, max_tasks=0))
+    _collect(env, lambda: HindsightConfig(episodes=episodes, seed=seed, max_steps=max_steps,
+                                          expert_share=expert_share, chunk_size=chunk_size), out, f"hindsight {env}")
 
 
 @data_app.command("import-kalm")

@@ -3,12 +3,12 @@ deterministic per seed, resumable, and drawn from the training tasks only."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import kalm.data.collect as collect_module
 from kalm.data.collect import collect_range, collect_to_file, partial_dir
 from kalm.data.episodes import load_episodes
 from kalm.data.hindsight import HindsightConfig, LabelVocabulary, hindsight_labels
@@ -82,25 +82,26 @@ def test_episode_i_depends_only_on_seed_and_index(episodes) -> None:
     assert not np.array_equal(other.observations[0], episodes[7].observations[0])
 
 
-def test_killed_hindsight_collection_resumes_to_the_same_file(episodes, tmp_path: Path, monkeypatch) -> None:
-    out = tmp_path / "hindsight.h5"
-    real = collect_module.collect_range
+@dataclass(frozen=True)
+class _KilledAtEpisode8(HindsightConfig):
+    """The same collection as its fields describe, killed when it reaches episode 8."""
 
-    def dies_on_third_chunk(spec, cfg, start, stop, progress=None):
-        if start == 8:
+    def make_episode(self, spec, env, index):
+        if index == 8:
             raise KeyboardInterrupt("killed")
-        return real(spec, cfg, start, stop, progress)
+        return super().make_episode(spec, env, index)
 
-    monkeypatch.setattr(collect_module, "collect_range", dies_on_third_chunk)
+
+def test_killed_hindsight_collection_resumes_to_the_same_file(episodes, tmp_path: Path) -> None:
+    out = tmp_path / "hindsight.h5"
     with pytest.raises(KeyboardInterrupt):
-        collect_to_file(SPEC, CONFIG, out, progress=False)
+        collect_to_file(SPEC, _KilledAtEpisode8(**asdict(CONFIG)), out, progress=False)
     assert not out.exists()
-    monkeypatch.setattr(collect_module, "collect_range", real)
+    assert sorted(p.name for p in partial_dir(out).glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
     collect_to_file(SPEC, CONFIG, out, progress=False)
     assert not partial_dir(out).exists()
     loaded = load_episodes(out, SPEC)
-    assert loaded.metadata["source"] == "hindsight"
-    assert len(loaded) == CONFIG.episodes
+    assert loaded.metadata["source"] == "hindsight" and len(loaded) == CONFIG.episodes
     for a, b in zip(loaded.episodes, episodes):
         np.testing.assert_array_equal(a.observations, b.observations)
         assert a.instruction == b.instruction
@@ -119,7 +120,7 @@ def test_gives_up_with_a_clear_message_when_nothing_can_be_achieved() -> None:
     hopeless = HindsightConfig(episodes=1, max_steps=1, expert_share=0.0, max_tries=1)
     env = SPEC.make_env()
     try:
-        with pytest.raises(RuntimeError, match="achieved exactly one training goal"):
+        with pytest.raises(ValueError, match="achieved exactly one training goal"):
             for index in range(50):  # one try per episode: some single random push achieves nothing
                 hopeless.make_episode(SPEC, env, index)
     finally:

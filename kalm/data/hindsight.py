@@ -167,6 +167,6 @@ def hindsight_episode(spec: EnvSpec, env, index: int, config: HindsightConfig) -
             instruction=spec.training_instruction(task, rng),
             task=task.to_json(),
         )
-    raise RuntimeError(f"hindsight episode {index}: none of {config.max_tries} rollouts of up to "
+    raise ValueError(f"hindsight episode {index}: none of {config.max_tries} rollouts of up to "
                        f"{config.max_steps} steps achieved exactly one training goal in env {spec.name!r}; "
                        "raise max_steps or expert_share")
