@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -139,3 +140,15 @@ def read_curve(path: str | Path) -> list[dict[str, float]]:
     with open(path, encoding="utf-8", newline="") as f:
         return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v != ""}
                 for row in csv.DictReader(f)]
+
+
+def json_safe(value):
+    """``value`` with non-finite floats as None, for strict JSON (a diverged loss must
+    not lose a run's metrics file)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

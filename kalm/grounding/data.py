@@ -83,6 +83,18 @@ def split_episodes(episodes: list, validation_fraction: float, seed: int) -> tup
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
+def split_hindsight(spec, hindsight, validation_fraction: float, seed: int) -> tuple[list, list]:
+    """Training and held-out episodes of a hindsight dataset (or none): a seeded split,
+    recomputed identically on resume, so it need not be stored."""
+    if hindsight is None:
+        return [], []
+    if hindsight.env != spec.name:
+        raise ValueError(f"the hindsight episodes were collected in env {hindsight.env!r}, not {spec.name!r}")
+    episodes = prepare_episodes(hindsight, spec)
+    train_idx, val_idx = split_episodes(episodes, validation_fraction, seed)
+    return [episodes[i] for i in train_idx], [episodes[i] for i in val_idx]
+
+
 class ExampleSampler:
     """Draws training examples of each task from a set of episodes.
 

@@ -27,7 +27,6 @@ not under DeepSpeed, whose optimizer state is sharded).
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kalm.files import write_json_atomic
+from kalm.files import json_safe, write_json_atomic
 from kalm.grounding.backbone import EMBEDDED_MODELS, resolve_backbone
 from kalm.grounding.checkpoint import (
     latest_checkpoint,
@@ -45,7 +44,14 @@ from kalm.grounding.checkpoint import (
     restore_training_checkpoint,
     save_training_checkpoint,
 )
-from kalm.grounding.data import ExampleSampler, choose_task, prepare_episodes, split_episodes, step_rng
+from kalm.grounding.data import (
+    ExampleSampler,
+    choose_task,
+    prepare_episodes,
+    split_episodes,
+    split_hindsight,
+    step_rng,
+)
 from kalm.grounding.distributed import full_weights, make_accelerator
 from kalm.grounding.metrics import evaluate_grounding
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, LoraSettings, NormStats, native_bf16
@@ -242,14 +248,13 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
         resolve_backbone(backbone)  # a bad --llm is named before anything else starts
     set_torch_threads(config.num_threads or None)
     precision = _precision(config)
-    accelerator = make_accelerator(
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                                   gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
+                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     episodes = prepare_episodes(dataset, spec)
-    hindsight_train, hindsight_val = _hindsight_split(spec, hindsight, config)
+    if hindsight is None and config.hindsight_share > 0:
+        raise ValueError(f"hindsight_share is {config.hindsight_share} but no hindsight episodes were given")
+    hindsight_train, hindsight_val = split_hindsight(spec, hindsight, config.validation_fraction, config.seed)
     start = _start(spec, episodes, backbone, config, _refuse_bad_resume(out, resume, accelerator), llm, tokenizer)
     model, split = start.model, start.split
     train_eps = [episodes[i] for i in split["train"]]
@@ -257,13 +262,7 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
     sampler = ExampleSampler(model.prompts, train_eps, config.max_trajectory_steps,
                              extra=hindsight_train, extra_share=config.hindsight_share)
 
-    model.train()
-    lr = config.full_lr if config.finetune == "full" else config.lr
-    optimizer = make_optimizer(model, lr, config.io_lr, config.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
-    if start.checkpoint is not None:
-        restore_training_checkpoint(start.checkpoint, optimizer, scheduler, start.state)
-    objective, optimizer = accelerator.prepare(GroundingObjective(model), optimizer)
+    objective, optimizer, scheduler = _optimization(accelerator, start, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accelerator.print(f"grounding {spec.name} on {len(train_eps)} episodes ({len(val_eps)} held out), "
                       f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, "
@@ -285,17 +284,16 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
     return _finish(accelerator, objective, spec, (val_eps, hindsight_val), config, out, split, metrics)
 
 
-def _hindsight_split(spec, hindsight, config: GroundingConfig) -> tuple[list, list]:
-    """Training and held-out hindsight episodes (a seeded split, recomputed on resume)."""
-    if hindsight is None:
-        if config.hindsight_share > 0:
-            raise ValueError(f"hindsight_share is {config.hindsight_share} but no hindsight episodes were given")
-        return [], []
-    if hindsight.env != spec.name:
-        raise ValueError(f"the hindsight episodes were collected in env {hindsight.env!r}, not {spec.name!r}")
-    episodes = prepare_episodes(hindsight, spec)
-    train_idx, val_idx = split_episodes(episodes, config.validation_fraction, config.seed)
-    return [episodes[i] for i in train_idx], [episodes[i] for i in val_idx]
+def _optimization(accelerator, start: _Start, config: GroundingConfig):
+    """The objective, optimizer and schedule of a run, restored from its checkpoint when resuming."""
+    start.model.train()
+    lr = config.full_lr if config.finetune == "full" else config.lr
+    optimizer = make_optimizer(start.model, lr, config.io_lr, config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
+    if start.checkpoint is not None:
+        restore_training_checkpoint(start.checkpoint, optimizer, scheduler, start.state)
+    objective, optimizer = accelerator.prepare(GroundingObjective(start.model), optimizer)
+    return objective, optimizer, scheduler
 
 
 class _TrainingLoop:
@@ -383,7 +381,7 @@ def _finish(accelerator, objective, spec, held_out: tuple[list, list], config: G
                                           max_new_tokens=config.explanation_max_tokens, determined=determined))
         metrics["eval_seconds"] = round(time.time() - eval_started, 1)
     if accelerator.is_main_process:
-        write_json_atomic(out / "metrics.json", _json_safe(metrics))
+        write_json_atomic(out / "metrics.json", json_safe(metrics))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return metrics
 
@@ -391,15 +389,3 @@ def _finish(accelerator, objective, spec, held_out: tuple[list, list], config: G
 def _backbone_reference(backbone: str) -> str:
     """Embedded names stay names; paths become absolute so a checkpoint finds its base."""
     return backbone if str(backbone) in EMBEDDED_MODELS else str(Path(backbone).expanduser().resolve())
-
-
-def _json_safe(value):
-    """``value`` with non-finite floats as None (a diverged loss must not lose the run's
-    metrics file to strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
