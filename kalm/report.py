@@ -103,6 +103,8 @@ def hallucination_table(inputs: ReportInputs) -> str:
 _GROUNDING_ROWS = (
     ("dynamics_mse", "Dynamics: mean squared error of the next state", "copy_baseline_mse",
      "predicting no change"),
+    ("dynamics_median_l2", "Dynamics: median L2 error of the next state", "mlp_dynamics_median_l2",
+     "a plain MLP on the same transitions"),
     ("explanation_accuracy", "Explanation of held-out expert episodes: the exact task",
      "explanation_chance_among_achieved", "a random pick among the tasks achieved"),
     ("explanation_equivalent", "Explanation of held-out expert episodes: the same goal",

@@ -24,18 +24,18 @@ import torch
 from kalm.envs.spec import goal_key, same_task
 from kalm.grounding.data import ExampleSampler, GroundingEpisode
 from kalm.grounding.decoding import greedy_text, rollout, to_device
+from kalm.grounding.dynamics_baseline import HELD_OUT_TRANSITIONS, held_out_transitions
 from kalm.grounding.prompts import collate
 
 
 @torch.no_grad()
-def dynamics_mse(model, episodes: list[GroundingEpisode], batch_size: int = 64, max_transitions: int = 2000,
-                 seed: int = 0) -> dict:
+def dynamics_mse(model, episodes: list[GroundingEpisode], batch_size: int = 64,
+                 max_transitions: int = HELD_OUT_TRANSITIONS, seed: int = 0) -> dict:
+    """Next-state error on held-out transitions: MSE (per coordinate) and the median
+    per-transition L2 distance, each beside copying the state."""
     device = next(model.parameters()).device
-    pairs = [(e, t) for e in episodes for t in range(e.length)]
-    if len(pairs) > max_transitions:
-        keep = np.random.default_rng(seed).choice(len(pairs), max_transitions, replace=False)
-        pairs = [pairs[i] for i in sorted(keep)]
-    model_err, copy_err = [], []
+    pairs = held_out_transitions(episodes, max_transitions, seed)
+    model_err, copy_err, model_l2, copy_l2 = [], [], [], []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         examples = [model.prompts.dynamics(e.observations[t], e.actions[t], e.observations[t + 1]) for e, t in chunk]
@@ -43,12 +43,17 @@ def dynamics_mse(model, episodes: list[GroundingEpisode], batch_size: int = 64, 
         hidden, _ = model(model.embed_sequence(b["input_ids"], b["states"], b["actions"]), b["attention_mask"],
                           b["position_ids"])
         m = b["state_mask"]
-        pred = model.predict_state(hidden[m], b["state_reference"][m])
+        pred = model.predict_state(hidden[m], b["state_reference"][m]).float()
         target = b["state_targets"][m].float()
+        reference = b["state_reference"][m].float()
         model_err.append(((pred - target) ** 2).mean(-1).cpu())
-        copy_err.append(((b["state_reference"][m].float() - target) ** 2).mean(-1).cpu())
+        copy_err.append(((reference - target) ** 2).mean(-1).cpu())
+        model_l2.append((pred - target).norm(dim=-1).cpu())
+        copy_l2.append((reference - target).norm(dim=-1).cpu())
     mse, copy = float(torch.cat(model_err).mean()), float(torch.cat(copy_err).mean())
     return {"dynamics_mse": mse, "copy_baseline_mse": copy, "dynamics_improvement": copy / max(mse, 1e-12),
+            "dynamics_median_l2": float(torch.cat(model_l2).median()),
+            "copy_baseline_median_l2": float(torch.cat(copy_l2).median()),
             "dynamics_transitions": len(pairs)}
 
 
