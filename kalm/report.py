@@ -86,13 +86,15 @@ def hallucination_table(inputs: ReportInputs) -> str:
     if not inputs.hallucination:
         return ""
     checks = sorted({c for s in inputs.hallucination.values() for c in s["hallucination"]["transition_share"]})
-    head = ("| level | rollouts | reach goal | dropped: implausible / fragile | kept | kept and real on replay | "
-            + " | ".join(f"{c} (transitions)" for c in checks) + " |\n|---|---|---|---|---|---|" + "---|" * len(checks))
+    head = ("| level | rollouts | reach goal | reach goal on replay | dropped: implausible / fragile | kept | "
+            "kept and real on replay | " + " | ".join(f"{c} (transitions)" for c in checks)
+            + " |\n|---|---|---|---|---|---|---|" + "---|" * len(checks))
     rows = []
     for level, s in inputs.hallucination.items():
         shares, counts = s["hallucination"]["transition_share"], s["counts"]
         rows.append(
             f"| {level} | {counts['generated']} | {_pct(s['success_share'])} % | "
+            f"{_replay(s.get('replay_generated'))} | "
             f"{counts.get('dropped_physics', 0)} / {counts.get('dropped_fragile', 0)} | {counts['kept']} | "
             f"{_replay(s.get('replay'))} | " + " | ".join(f"{_pct(shares.get(c, 0.0))} %" for c in checks) + " |"
         )
@@ -294,7 +296,9 @@ def _markdown(inputs: ReportInputs, has_curves: bool, gifs: Sequence[tuple[str, 
         md += ["## Grounding", "", grounding_table(inputs.grounding), ""]
     if inputs.hallucination:
         md += ["## Imagined rollouts", "", hallucination_table(inputs), "",
-               "*Reach goal*: the task's predicate holds on an imagined state. *Kept and real on replay*: the "
+               "*Reach goal*: the task's predicate holds on an imagined state. *Reach goal on replay*: a generated "
+               "rollout's actions, kept or not, reach the goal when executed from its start in the real simulator "
+               "(evenly spaced, at most 2,000 per level). *Kept and real on replay*: the "
                "kept rollouts' actions executed from the same start in the real simulator reach the goal too "
                "(an audit of the imagined labels; it never feeds training). *Implausible*: a transition "
                "breaks the environment's physics checks; *fragile*: the goal holds on too few noisy "

@@ -416,13 +416,14 @@ def test_imagine_drops_fragile_successes_and_counts_them(tiny_model, monkeypatch
     result = rollouts.imagine(tiny_model, spec, ImagineConfig(precision="fp32", level="rephrase", n=2, physics_filter=False,
                                                               robust_noise=0.0), progress=False)
     assert result.stats["counts"]["kept"] == 2
+    assert len(result.attempts) == 2 and all(len(actions) for _, _, actions in result.attempts)
 
 
 def test_replaying_imagined_rollouts_counts_real_successes():
     from dataclasses import replace as dc_replace
 
     from kalm.data.episodes import EpisodeDataset
-    from kalm.evaluation.imagined import replay_imagined
+    from kalm.evaluation.imagined import replay_generated, replay_imagined
 
     spec = get_spec("clevr")
     env = spec.make_env()
@@ -444,6 +445,11 @@ def test_replaying_imagined_rollouts_counts_real_successes():
     stats = replay_imagined(spec, EpisodeDataset(env="clevr", episodes=(real, wrong), metadata={}))
     assert stats == {"replayed": 2, "real_success": 1, "not_replayable": 0, "real_success_share": 0.5}
     assert replay_imagined(spec, None)["real_success_share"] is None
+    # generated rollouts are replayed whether kept or not, evenly spaced up to a limit
+    attempts = [(task, real.observations[0], real.actions), (task, wrong.observations[0], wrong.actions)] * 3
+    assert replay_generated(spec, attempts, limit=6)["real_success_share"] == 0.5
+    assert replay_generated(spec, attempts, limit=3) == {"replayed": 3, "real_success": 3, "not_replayable": 0,
+                                                         "real_success_share": 1.0}  # every other one: all real
 
 
 def _place(state, relation, distance=0.25, angle=0.0):

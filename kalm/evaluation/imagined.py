@@ -9,6 +9,8 @@ training data (that would be online interaction, which offline RL does not have)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from kalm.data.episodes import EpisodeDataset
@@ -27,18 +29,30 @@ def replay_imagined(spec: EnvSpec, dataset: EpisodeDataset | None) -> dict:
     and ``not_replayable``.
     """
     episodes = dataset.episodes if dataset is not None else ()
+    return replay_actions(spec, [(spec.parse_task(e.task), e.observations[0], e.actions) for e in episodes])
+
+
+def replay_generated(spec: EnvSpec, attempts: Sequence[tuple], limit: int) -> dict:
+    """:func:`replay_actions` on at most ``limit`` of ``attempts``, evenly spaced: how
+    often the LLM's generated actions reach the goal in the real world, kept or not."""
+    stride = max(1, -(-len(attempts) // limit)) if limit > 0 else 1
+    return replay_actions(spec, list(attempts[::stride][:limit]))
+
+
+def replay_actions(spec: EnvSpec, attempts: Sequence[tuple]) -> dict:
+    """Execute each ``(task, start_state, actions)`` from its start in the simulator;
+    count those whose task holds at some step (see :func:`replay_imagined`)."""
     env = spec.make_env()
     replayed = succeeded = not_replayable = 0
     try:
-        for episode in episodes:
-            task = spec.parse_task(episode.task)
-            obs, info = env.reset(seed=0, options={"task": task, "state": episode.observations[0]})
-            if not np.allclose(obs, episode.observations[0], atol=_SAME_START_ATOL):
+        for task, start, actions in attempts:
+            obs, info = env.reset(seed=0, options={"task": task, "state": start})
+            if not np.allclose(obs, start, atol=_SAME_START_ATOL):
                 not_replayable += 1
                 continue
             replayed += 1
             success = bool(info.get("success", False))
-            for action in episode.actions:
+            for action in actions:
                 if success:
                     break
                 obs, _, terminated, truncated, info = env.step(action)

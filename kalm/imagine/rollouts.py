@@ -101,10 +101,12 @@ def imagine_config(**options: Any) -> ImagineConfig:
 
 @dataclass(frozen=True)
 class ImagineResult:
-    """The kept episodes (``None`` when every rollout was dropped) and the statistics."""
+    """The kept episodes (``None`` when every rollout was dropped), the statistics, and
+    every generated rollout as ``(task, start_state, actions)`` for a replay audit."""
 
     dataset: EpisodeDataset | None
     stats: dict
+    attempts: tuple[tuple, ...] = ()
 
 
 # Names how :func:`sample_prompts` draws. It is part of the pipeline's imagine-stage key,
@@ -188,7 +190,8 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
         "stats": summary,
     }
     dataset = EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata) if kept else None
-    return ImagineResult(dataset, summary)
+    attempts = tuple((task, g.states[0], g.actions) for g, task in zip(generated, tasks) if len(g.actions))
+    return ImagineResult(dataset, summary, attempts)
 
 
 def _generate(

@@ -28,6 +28,9 @@ from kalm.threads import free_cores, set_torch_threads
 
 # Settings that change how fast grounding runs, not what it produces: not in its key.
 RUNTIME_ONLY = frozenset({"num_threads", "eval_batch_size", "train_attention"})
+# Generated rollouts per level replayed in the simulator, kept or not: enough for a share
+# within about a point, in seconds.
+REPLAYED_GENERATED = 2000
 
 
 def _as_json(obj) -> dict:
@@ -119,7 +122,7 @@ class GroundedModel:
 
 def imagine_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, model: GroundedModel,
                   level: str) -> StageOutput:
-    from kalm.evaluation.imagined import replay_imagined
+    from kalm.evaluation.imagined import replay_generated, replay_imagined
     from kalm.imagine.rollouts import PROMPT_DRAW, imagine
 
     imagine_config = config.levels[level].imagine_config(config.imagine, level)
@@ -129,7 +132,8 @@ def imagine_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, mode
         if result.dataset is not None:
             save_episodes(result.dataset, work / "imagined.h5")
         # audit only: the replay never changes what was kept
-        return {**result.stats, "replay": replay_imagined(spec, result.dataset)}
+        return {**result.stats, "replay": replay_imagined(spec, result.dataset),
+                "replay_generated": replay_generated(spec, result.attempts, REPLAYED_GENERATED)}
 
     return cache.run(f"imagine-{level}", {**_as_json(imagine_config), "prompt_draw": PROMPT_DRAW}, build,
                      {"model": model.stage.key}, code=["kalm.imagine.rollouts", "kalm.evaluation.imagined",
