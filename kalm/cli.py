@@ -62,18 +62,18 @@ def collect(
     """Collect scripted-expert episodes on the training tasks (resumable)."""
     from kalm.data.collect import CollectConfig
 
-    _collect(env, lambda: CollectConfig(episodes=episodes, seed=seed, epsilon=epsilon, reward=reward,
-                                        chunk_size=chunk_size), out, f"collect {env}")
+    config = CollectConfig(episodes=episodes, seed=seed, epsilon=epsilon, reward=reward, chunk_size=chunk_size)
+    _collect(env, config, out, f"collect {env}")
 
 
-def _collect(env: str, make_config, out: Path, desc: str) -> None:
-    """Write the episodes of ``make_config()`` (an episode source) to ``out`` and summarise them."""
+def _collect(env: str, config, out: Path, desc: str) -> None:
+    """Write the episodes of ``config`` (an episode source) to ``out`` and summarise them."""
     try:
         from kalm.data.collect import collect_to_file
         from kalm.data.summary import summarize
         from kalm.envs import get_spec
 
-        dataset = collect_to_file(get_spec(env), make_config(), out, desc=desc)
+        dataset = collect_to_file(get_spec(env), config, out, desc=desc)
     except (ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"wrote {out}")
@@ -87,14 +87,16 @@ def hindsight(
     out: Path = typer.Option(..., help="Episode file to write (HDF5)."),
     seed: int = typer.Option(0, help="Seed; episode i depends only on (seed, i)."),
     max_steps: int = typer.Option(4, help="Actions per rollout before it is dropped for achieving nothing."),
-    expert_share: float = typer.Option(0.25, help="Share of rollouts steered by the epsilon-expert."),
+    expert_share: float = typer.Option(0.0, help="Share of rollouts steered by the epsilon-expert (slower; "
+                                                 "for envs where random actions rarely achieve a goal)."),
     chunk_size: int = typer.Option(1000, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
 ) -> None:
     """Short rollouts labelled with the one training goal each achieved (grounding data; resumable)."""
     from kalm.data.hindsight import HindsightConfig
 
-    _collect(env, lambda: HindsightConfig(episodes=episodes, seed=seed, max_steps=max_steps,
-                                          expert_share=expert_share, chunk_size=chunk_size), out, f"hindsight {env}")
+    config = HindsightConfig(episodes=episodes, seed=seed, max_steps=max_steps, expert_share=expert_share,
+                             chunk_size=chunk_size)
+    _collect(env, config, out, f"hindsight {env}")
 
 
 @data_app.command("import-kalm")

