@@ -315,8 +315,8 @@ def test_kalm_run_killed_at_several_stages_resumes_to_the_same_results(tmp_path,
 GROUND_STEPS, GROUND_EVERY = 40, 5
 # Per-process figures: timings, the tokens this process trained on, the step it resumed
 # from, and the running loss (an average over this process's steps only).
-GROUND_SESSION_METRICS = {"train_seconds", "eval_seconds", "tokens_per_second", "train_tokens", "resumed_from",
-                          "final_running_loss"}
+GROUND_SESSION_METRICS = {"train_seconds", "eval_seconds", "mlp_dynamics_seconds", "tokens_per_second",
+                          "train_tokens", "resumed_from", "final_running_loss"}
 
 
 def _ground_args(data: Path, llm: Path, out: Path, resume: bool) -> tuple:
