@@ -221,15 +221,17 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
     def record(name: str) -> dict:
         return read_json(stages / name / "stage.json", "stage record")
 
-    results_files = {m: [stages / n / "results.json" for n in names["evaluate"][m]] for m in ("baseline", "kalm")}
+    methods = list(names["evaluate"])  # baseline, kalm and, with the ablation, no-llm
+    results_files = {m: [stages / n / "results.json" for n in names["evaluate"][m]] for m in methods}
     curves = {}
-    for seed, *trained in zip(manifest["seeds"], names["train"]["baseline"], names["train"]["kalm"]):
-        for method, name in zip(("baseline", "kalm"), trained):
-            curves[f"{method} seed {seed}"] = read_curve(stages / name / "policy" / "curve.csv")
+    for method in methods:
+        for seed, name in zip(manifest["seeds"], names["train"][method]):
+            curves[f"{METHOD_LABELS[method]} seed {seed}"] = read_curve(stages / name / "policy" / "curve.csv")
     imagined = dict(names["imagine"])
+    without_llm = dict(names.get("imagine-no-llm") or [])
     used = [names["collect"], *([names["hindsight"]] if names.get("hindsight") else []), names["ground"],
-            *imagined.values(), *names["train"]["baseline"],
-            *names["train"]["kalm"], *names["evaluate"]["baseline"], *names["evaluate"]["kalm"],
+            *imagined.values(), *without_llm.values(), *([names["dynamics-mlp"]] if names.get("dynamics-mlp") else []),
+            *(n for m in methods for n in names["train"][m]), *(n for m in methods for n in names["evaluate"][m]),
             names["llm-policy"], names["showcase"]]
     showcase_dir = stages / names["showcase"]
     showcases = [Showcase(row["instruction"], showcase_dir / row["gif"], row["real_success"], row["imagined_success"])
@@ -237,16 +239,26 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
     return ReportInputs(
         title=manifest["title"],
         algo=manifest["algo"],
-        results={"baseline": level_results(results_files["baseline"]), "kalm": level_results(results_files["kalm"]),
-                 "llm-policy": level_results([stages / names["llm-policy"] / "results.json"])},
-        differences={"kalm - baseline": paired_differences(results_files["kalm"], results_files["baseline"])},
+        results={**{METHOD_LABELS[m]: level_results(results_files[m]) for m in methods},
+                 METHOD_LABELS["llm-policy"]: level_results([stages / names["llm-policy"] / "results.json"])},
+        differences={f"{METHOD_LABELS[a]} − {METHOD_LABELS[b]}": paired_differences(results_files[a], results_files[b])
+                     for a, b in _COMPARED if a in results_files and b in results_files},
         curves=curves,
-        hallucination={level: record(name)["summary"] for level, name in imagined.items()},
+        hallucination={**{level: record(name)["summary"] for level, name in imagined.items()},
+                       **{f"{level} (no LLM)": record(name)["summary"] for level, name in without_llm.items()}},
         grounding={k: v for k, v in record(names["ground"])["summary"].items() if isinstance(v, (int, float))},
         timings=_stage_times(record(name) for name in sorted(used)),
         showcases=showcases,
         notes=_notes(manifest, run_dir),
     )
+
+
+# What each policy row is, in the words the report uses.
+METHOD_LABELS = {"baseline": "baseline", "kalm": "KALM", "no-llm": "imagined without LLM",
+                 "llm-policy": "LLM as policy"}
+# The paired comparisons shown: KALM and the ablation against the baseline, and KALM
+# against the ablation (what the LLM adds).
+_COMPARED = (("kalm", "baseline"), ("no-llm", "baseline"), ("kalm", "no-llm"))
 
 
 def _stage_times(records) -> dict[str, float]:

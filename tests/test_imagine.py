@@ -395,7 +395,7 @@ def test_imagine_drops_fragile_successes_and_counts_them(tiny_model, monkeypatch
     """Two imagined successes of one instruction: the one resting on the goal border is
     dropped (its success could be the model's error), the one deep inside is kept."""
     from kalm.envs.spec import Instruction
-    from kalm.imagine import rollouts
+    from kalm.imagine import generate, rollouts
     from kalm.imagine.generate import GeneratedRollout
 
     spec, task = get_spec("clevr"), Relation("red", "blue", "left")
@@ -406,7 +406,7 @@ def test_imagine_drops_fragile_successes_and_counts_them(tiny_model, monkeypatch
               _two_balls(blue + np.array([-0.3, 0.0]), blue)]
     text = "Put the red ball left of the blue ball"
     monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)] * 2, np.stack([start] * 2)))
-    monkeypatch.setattr(rollouts, "generate_rollouts", lambda *a, **k: [
+    monkeypatch.setattr(generate, "generate_rollouts", lambda *a, **k: [
         GeneratedRollout(text, np.stack([start, f]), np.array([3]), "stop") for f in finals])
     config = ImagineConfig(precision="fp32", level="rephrase", n=2, physics_filter=False)  # default robustness filter
     result = rollouts.imagine(tiny_model, spec, config, progress=False)
@@ -491,7 +491,7 @@ def test_composed_rollouts_chain_one_segment_per_part(tiny_model, monkeypatch):
     where the previous part's segment ended; the chain is labelled with the composite."""
     from kalm.envs.clevr.tasks import AllOf
     from kalm.envs.spec import Instruction
-    from kalm.imagine import compose, rollouts
+    from kalm.imagine import generate, rollouts
 
     spec = get_spec("clevr")
     parts = (Relation("red", "blue", "left"), Relation("green", "cyan", "behind"))
@@ -499,7 +499,7 @@ def test_composed_rollouts_chain_one_segment_per_part(tiny_model, monkeypatch):
     start = np.array([0.3, 0.1, -0.2, 0.1, 0.0, 0.0, -0.4, 0.4, 0.3, 0.4], np.float32)
     assert not any(p.success(start, start) for p in parts)
     calls = []
-    monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls))
+    monkeypatch.setattr(generate, "generate_rollouts", _scripted_segments(spec, calls))
     monkeypatch.setattr(rollouts, "sample_prompts", lambda *a: ([Instruction(text, task)], start[None]))
     config = ImagineConfig(precision="fp32", level="hard", n=1, compose=True, physics_filter=False, robust_noise=0.0)
     result = rollouts.imagine(tiny_model, spec, config, progress=False)
@@ -515,7 +515,7 @@ def test_composed_rollouts_chain_one_segment_per_part(tiny_model, monkeypatch):
 def test_a_chain_stops_at_its_first_failed_part_and_held_parts_take_no_step(tiny_model, monkeypatch):
     from kalm.envs.clevr.tasks import AllOf
     from kalm.envs.spec import Instruction
-    from kalm.imagine import compose
+    from kalm.imagine import compose, generate
 
     spec = get_spec("clevr")
     start = np.array([0.3, 0.1, 0.0, 0.1, 0.0, -0.2, -0.4, 0.4, 0.3, 0.4], np.float32)
@@ -525,9 +525,10 @@ def test_a_chain_stops_at_its_first_failed_part_and_held_parts_take_no_step(tiny
     reached = AllOf((held, Relation("cyan", "purple", "front")))
     broken = AllOf((held, Relation("red", "purple", "front")))  # moving red undoes the held part
     calls = []
-    monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls, refuse="green"))
+    monkeypatch.setattr(generate, "generate_rollouts", _scripted_segments(spec, calls, refuse="green"))
     prompts = [Instruction("a", failing), Instruction("b", reached), Instruction("c", broken)]
-    chains = compose.imagine_composed(tiny_model, spec, prompts, np.stack([start] * 3), GenerationConfig(),
+    source = generate.LLMRollouts(tiny_model)
+    chains = compose.imagine_composed(source, spec, prompts, np.stack([start] * 3), GenerationConfig(),
                                       segment_steps=3, seed=0)
     # no second part after a failure; the held first parts take no step
     assert [c[0] for c in calls] == [failing.tasks[0], reached.tasks[1], broken.tasks[1]]
@@ -536,7 +537,7 @@ def test_a_chain_stops_at_its_first_failed_part_and_held_parts_take_no_step(tiny
     assert len(second.actions) == 1 and reached.success(second.states[-1], start)
     assert len(third.actions) == 1 and not broken.success(third.states[-1], start)
     with pytest.raises(ValueError, match="not a conjunction"):
-        compose.imagine_composed(tiny_model, spec, [Instruction("c", held)], start[None], GenerationConfig(), 3, 0)
+        compose.imagine_composed(source, spec, [Instruction("c", held)], start[None], GenerationConfig(), 3, 0)
 
 
 @pytest.mark.parametrize("border", [None, "red"])
@@ -545,14 +546,15 @@ def test_each_part_must_hold_robustly_before_the_next_is_asked_for(tiny_model, m
     the chain (its success could be the model's error); reached deep inside, it goes on."""
     from kalm.envs.clevr.tasks import AllOf
     from kalm.envs.spec import Instruction
-    from kalm.imagine import compose
+    from kalm.imagine import compose, generate
 
     spec = get_spec("clevr")
     task = AllOf((Relation("red", "blue", "left"), Relation("green", "cyan", "behind")))
     start = np.array([0.3, 0.1, -0.2, 0.1, 0.0, 0.0, -0.4, 0.4, 0.3, 0.4], np.float32)
     calls = []
-    monkeypatch.setattr(compose, "generate_rollouts", _scripted_segments(spec, calls, border=border))
-    (chain,) = compose.imagine_composed(tiny_model, spec, [Instruction("a", task)], start[None], GenerationConfig(),
+    monkeypatch.setattr(generate, "generate_rollouts", _scripted_segments(spec, calls, border=border))
+    source = generate.LLMRollouts(tiny_model)
+    (chain,) = compose.imagine_composed(source, spec, [Instruction("a", task)], start[None], GenerationConfig(),
                                         segment_steps=3, seed=0, robust_noise=0.7)
     assert len(calls) == (1 if border else 2)
     assert task.success(chain.states[-1], start) == (border is None)

@@ -15,7 +15,7 @@ ALLOWED = {
     "data": {"envs"},
     "grounding": {"envs", "data"},
     "offline": {"envs", "data"},  # a policy needs no LLM: never grounding or imagine
-    "imagine": {"envs", "data", "grounding"},
+    "imagine": {"envs", "data", "grounding", "offline"},  # offline: the no-LLM ablation's policy
     "evaluation": {"envs", "data", "offline"},
     "report": {"evaluation"},  # reads run directories: no model or env code
     "pipeline": {"kalm", "envs", "data", "grounding", "imagine", "offline", "evaluation", "report"},

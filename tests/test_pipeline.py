@@ -35,7 +35,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     monkeypatch.setattr(kalm.pipeline.stages, "free_cores", lambda: 2)  # the policies train in two worker processes
     report = run_pipeline(config, tmp_path)
     text = report.read_text()
-    for method in ("baseline", "kalm", "llm-policy"):
+    for method in ("baseline", "KALM", "imagined without LLM", "LLM as policy"):
         assert method in text
     for level in ("seen", "rephrase", "easy", "hard"):
         assert f"| {level} |" in text
@@ -65,12 +65,12 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
         (stage(f"evaluate-{m}-s{s}")[1] / "results.json").read_text())["results"] if r["level"] == "seen"]
         for m in ("kalm", "baseline")}
     seen_diff = sum(outcomes["kalm"]) / len(outcomes["kalm"]) - sum(outcomes["baseline"]) / len(outcomes["baseline"])
-    assert "kalm - baseline (paired)" in text
+    assert "KALM − baseline (paired)" in text and "KALM − imagined without LLM (paired)" in text
     assert f"{100 * seen_diff:+.1f} [" in next(line for line in text.splitlines() if line.startswith("| seen |"))
 
     imagined_rows = text.split("## Imagined rollouts")[1].split("##")[0]
     rows = [line.split("|")[1].strip() for line in imagined_rows.splitlines() if line.startswith("| ")][1:]
-    assert rows == list(config.levels)  # in the run's order
+    assert rows == [*config.levels, *(f"{level} (no LLM)" for level in config.levels)]  # in the run's order
     # the report is rebuilt from the run directory alone, to the byte
     written = {name: (tmp_path / name).read_bytes() for name in ("report.md", "report.html")}
     for name in written:
@@ -92,8 +92,11 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     monkeypatch.setattr(kalm.pipeline.stages, "free_cores", lambda: 1)  # now one after another, in this process
     run_pipeline(changed, tmp_path)  # only policy training and what follows is redone
     new = {p.name for p in (tmp_path / "stages").iterdir()} - set(before)
-    assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "showcase")) for n in new)
-    assert sum(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm")) for n in new) == 8
+    # the ablation imagines with the baseline's first policy, so its rollouts follow it
+    assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "evaluate-no-llm",
+                                     "imagine-no-llm-", "showcase")) for n in new)
+    assert sum(n.startswith(("train-", "evaluate-")) for n in new) == 12
+    assert sum(n.startswith("imagine-no-llm-") for n in new) == len(config.levels)
 
 
 def test_paired_differences_refuse_runs_of_different_episodes(tmp_path):

@@ -9,8 +9,8 @@ training phrasing of one part and starts from the imagined state where the previ
 segment ended; the whole chain is labelled with the composite instruction. The task
 structure comes from the task itself (:func:`kalm.envs.spec.subgoals`), as the success
 predicate that labels every imagined rollout does; every state and action comes from
-the LLM. With these chains, KALM's CLEVR hard success in ``kalm run --config
-clevr-default`` was 6.4 % against the baseline's 3.9 % (docs/results.md).
+the rollout source (the LLM, or the ablation without one). With these chains, KALM's
+CLEVR hard success in ``kalm run --config clevr-default`` was 6.4 % against the baseline's 3.9 % (docs/results.md).
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ from kalm.imagine.filters import robust_success_share
 from kalm.imagine.generate import (
     GeneratedRollout,
     GenerationConfig,
-    generate_rollouts,
+    RolloutSource,
     stop_at_goal,
 )
 
 
 def imagine_composed(
-    model,
+    source: RolloutSource,
     spec: EnvSpec,
     instructions: Sequence[Instruction],
     starts: np.ndarray,
@@ -55,8 +55,7 @@ def imagine_composed(
     if segment_steps < 1:
         raise ValueError(f"segment_steps must be at least 1, got {segment_steps}")
     rng = np.random.default_rng(seed)
-    robust = _RobustCheck(robust_noise, robust_share, model.io.delta_std.detach().cpu().numpy(),
-                          np.random.default_rng(seed + 1))
+    robust = _RobustCheck(robust_noise, robust_share, source.step_scale, np.random.default_rng(seed + 1))
     generation = replace(generation, max_steps=segment_steps)
     n = len(instructions)
     states = [[np.asarray(s, dtype=np.float32)] for s in starts]
@@ -68,7 +67,7 @@ def imagine_composed(
         pending = [i for i in rows if not parts[i][j].success(states[i][-1], starts[i])]
         if not pending:
             continue
-        segment = _generate_segment(model, spec, [parts[i][j] for i in pending], [starts[i] for i in pending],
+        segment = _generate_segment(source, spec, [parts[i][j] for i in pending], [starts[i] for i in pending],
                                     np.stack([states[i][-1] for i in pending]), generation, seed + j, rng, progress)
         failed = set()
         for i, rollout in zip(pending, segment):
@@ -90,16 +89,15 @@ def _conjunction_parts(instructions: Sequence[Instruction]) -> list[tuple]:
 
 
 def _generate_segment(
-    model, spec: EnvSpec, goals: list, starts: list[np.ndarray], states: np.ndarray, generation: GenerationConfig,
-    seed: int, rng: np.random.Generator, progress: Callable[[int], None] | None,
+    source: RolloutSource, spec: EnvSpec, goals: list, starts: list[np.ndarray], states: np.ndarray,
+    generation: GenerationConfig, seed: int, rng: np.random.Generator, progress: Callable[[int], None] | None,
 ) -> list[GeneratedRollout]:
     """One segment per goal from ``states``, each prompted with a training phrasing of
     its goal (drawn with ``rng``) and ending where the goal holds or after
     ``generation.max_steps``."""
     texts = [spec.training_instruction(goal, rng) for goal in goals]
     stop = stop_at_goal(goals, starts, [generation.max_steps] * len(goals))
-    return generate_rollouts(model, texts, states, generation, stop=stop, seed=seed, progress=progress,
-                             carried_state=spec.carried_state)
+    return source.generate(texts, states, generation, stop, seed, progress, spec.carried_state)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -76,6 +77,39 @@ class GeneratedRollout:
     states: np.ndarray
     actions: np.ndarray
     stopped_by: str  # "done" (the model's signal), "stop" (the caller's stop function), or "horizon"
+
+
+class RolloutSource(Protocol):
+    """What imagination draws rollouts from: the grounded LLM (:class:`LLMRollouts`) or
+    the ablation without one (:class:`~kalm.imagine.without_llm.PolicyDynamicsRollouts`).
+
+    ``step_scale`` is the per-coordinate size of one step's change, the noise unit of
+    the robustness filter; ``describe()`` goes into the imagined file's metadata.
+    """
+
+    step_scale: np.ndarray
+
+    def generate(self, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
+                 stop: StopFn | None, seed: int, progress: Callable[[int], None] | None,
+                 carried_state: Sequence[tuple[int, int, int]]) -> list[GeneratedRollout]: ...
+
+    def describe(self) -> dict: ...
+
+
+class LLMRollouts:
+    """The grounded LLM as a :class:`RolloutSource` (:func:`generate_rollouts`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.step_scale = model.io.delta_std.detach().cpu().numpy()
+
+    def generate(self, instructions, initial_states, config, stop, seed, progress, carried_state):
+        return generate_rollouts(self.model, instructions, initial_states, config, stop=stop, seed=seed,
+                                 progress=progress, carried_state=carried_state)
+
+    def describe(self) -> dict:
+        return {"source": "imagined", "model": str(getattr(self.model.config, "backbone", "")),
+                "precision": str(self.model.inference_dtype).removeprefix("torch.")}
 
 
 class CachedSequence:

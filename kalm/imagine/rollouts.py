@@ -7,6 +7,7 @@ policy will meet), rollouts come from the LLM, and the task predicates label the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from kalm.imagine.filters import (
     is_plausible,
     robust_success_share,
 )
-from kalm.imagine.generate import GeneratedRollout, GenerationConfig, generate_rollouts, stop_at_goal
+from kalm.imagine.generate import GeneratedRollout, GenerationConfig, LLMRollouts, RolloutSource, stop_at_goal
 from kalm.imagine.label import label_rollout
 
 
@@ -167,49 +168,53 @@ def _explains_back(model, spec: EnvSpec, episodes, tasks) -> list[bool | None]:
 
 
 def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progress: bool = True) -> ImagineResult:
-    """Generate, check, filter and label ``config.n`` rollouts of ``config.level``
-    (casting ``model`` to ``config.precision`` first, for good)."""
+    """Generate, check, filter and label ``config.n`` rollouts of ``config.level`` with
+    the grounded LLM ``model`` (casting it to ``config.precision`` first, for good)."""
     model.use_inference_precision(config.precision)
+    explain = (lambda kept, tasks: _explains_back(model, spec, kept, tasks)) if config.explain_back else None
+    return imagine_from(LLMRollouts(model), spec, config, progress, explain)
+
+
+def imagine_from(source: RolloutSource, spec: EnvSpec, config: ImagineConfig, progress: bool = True,
+                 explain: Callable | None = None) -> ImagineResult:
+    """:func:`imagine` for any :class:`~kalm.imagine.generate.RolloutSource`: the same
+    prompts, checks, filters and labels, so sources differ only in their rollouts.
+    ``explain(kept, tasks)`` gives the explain-back verdicts (the LLM's own)."""
     instructions, starts = sample_prompts(spec, config.level, config.n, config.seed, config.starts_per_instruction)
     tasks = [ins.task for ins in instructions]
     by_parts = [config.compose and bool(subgoals(task)) for task in tasks]
-    generated = _generate(model, spec, config, instructions, starts, by_parts, progress)
-    kept, kept_tasks, counts, stats = _check_filter_label(model, spec, config, generated, tasks, by_parts)
-    if config.explain_back and kept:
-        verdicts = _explains_back(model, spec, kept, kept_tasks)
+    generated = _generate(source, spec, config, instructions, starts, by_parts, progress)
+    kept, kept_tasks, counts, stats = _check_filter_label(source.step_scale, spec, config, generated, tasks,
+                                                          by_parts)
+    if explain is not None and kept:
+        verdicts = explain(kept, kept_tasks)
         counts["dropped_explain_back"] = sum(v is False for v in verdicts)
         kept = [e for e, v in zip(kept, verdicts) if v is not False]
     counts["kept"] = len(kept)
     summary = {"level": config.level, "counts": counts, "success_share": counts["succeeded"] / max(len(generated), 1),
                "hallucination": stats.summary()}
-    metadata = {
-        "source": "imagined",
-        "model": str(getattr(model.config, "backbone", "")),
-        "precision": str(model.inference_dtype).removeprefix("torch."),
-        "config": asdict(config),
-        "stats": summary,
-    }
+    metadata = {**source.describe(), "config": asdict(config), "stats": summary}
     dataset = EpisodeDataset(env=spec.name, episodes=tuple(kept), metadata=metadata) if kept else None
     attempts = tuple((task, g.states[0], g.actions) for g, task in zip(generated, tasks) if len(g.actions))
     return ImagineResult(dataset, summary, attempts)
 
 
 def _generate(
-    model, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction], starts: np.ndarray,
-    by_parts: list[bool], progress: bool,
+    source: RolloutSource, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction],
+    starts: np.ndarray, by_parts: list[bool], progress: bool,
 ) -> list[GeneratedRollout]:
     """One rollout per prompt, in prompt order: imagined whole, or (where ``by_parts``)
     as a chain of one segment per part of its conjunction."""
     composed = [i for i, by in enumerate(by_parts) if by]
     whole = [i for i, by in enumerate(by_parts) if not by]
     generated: list = [None] * len(instructions)
-    rollouts = _generate_whole(model, spec, config, [instructions[i] for i in whole], starts[whole], progress)
+    rollouts = _generate_whole(source, spec, config, [instructions[i] for i in whole], starts[whole], progress)
     for i, rollout in zip(whole, rollouts):
         generated[i] = rollout
     if composed:
         bar = tqdm(desc=f"imagine {config.level} part by part", unit="segment", disable=not progress)
         chains = imagine_composed(
-            model, spec, [instructions[i] for i in composed], starts[composed], config.generation,
+            source, spec, [instructions[i] for i in composed], starts[composed], config.generation,
             config.segment_steps, config.seed, config.robust_noise, config.robust_share, progress=bar.update,
         )
         bar.close()
@@ -219,7 +224,8 @@ def _generate(
 
 
 def _generate_whole(
-    model, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction], starts: np.ndarray, progress: bool
+    source: RolloutSource, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction],
+    starts: np.ndarray, progress: bool,
 ) -> list[GeneratedRollout]:
     """Each instruction imagined in one go, ending where its task holds or at its horizon."""
     tasks = [ins.task for ins in instructions]
@@ -227,17 +233,18 @@ def _generate_whole(
                disable=not progress or not instructions)
     rollouts: list[GeneratedRollout] = []
     if instructions:
-        rollouts = generate_rollouts(
-            model, [ins.text for ins in instructions], starts, config.generation,
-            stop=stop_at_goal(tasks, starts, [spec.horizon(task) for task in tasks]),
-            seed=config.seed, progress=bar.update, carried_state=spec.carried_state,
+        rollouts = source.generate(
+            [ins.text for ins in instructions], starts, config.generation,
+            stop_at_goal(tasks, starts, [spec.horizon(task) for task in tasks]), config.seed, bar.update,
+            spec.carried_state,
         )
     bar.close()
     return rollouts
 
 
 def _check_filter_label(
-    model, spec: EnvSpec, config: ImagineConfig, generated: list[GeneratedRollout], tasks: list, by_parts: list[bool]
+    step_scale: np.ndarray, spec: EnvSpec, config: ImagineConfig, generated: list[GeneratedRollout], tasks: list,
+    by_parts: list[bool],
 ) -> tuple[list[Episode], list, dict[str, int], HallucinationStats]:
     """Check every rollout's physics, label it with its task's predicate and keep it
     unless a filter of ``config`` drops it. Return the kept episodes and their tasks,
@@ -248,7 +255,6 @@ def _check_filter_label(
                                          "dropped_physics": 0, "dropped_failure": 0, "dropped_fragile": 0,
                                          "dropped_explain_back": 0}
     noise_rng = np.random.default_rng(config.seed)
-    step_scale = model.io.delta_std.detach().cpu().numpy()
     for rollout, task, checked_per_part in zip(generated, tasks, by_parts):
         violations = check_rollout(spec, rollout.states, rollout.actions)
         stats.add(violations)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kalm.files import read_json
 from kalm.offline.encoder import CachedEncoder, shared_encoder
@@ -62,6 +63,24 @@ class LanguagePolicy:
         x = np.concatenate([np.asarray(state, dtype=np.float32), embedding])[None]
         action = self.algo.predict(x)[0]
         return int(action) if np.ndim(action) == 0 else np.asarray(action, dtype=np.float32)
+
+    def act_batch(self, states: np.ndarray, embeddings: np.ndarray, temperature: float = 0.0,
+                  generator: torch.Generator | None = None) -> np.ndarray:
+        """Actions for a batch of states, each with its instruction's embedding: greedy
+        at ``temperature`` 0, otherwise drawn from the policy's action distribution
+        softened by ``temperature`` (only learners with one, such as discrete BC)."""
+        x = np.concatenate([np.asarray(states, dtype=np.float32), np.asarray(embeddings, dtype=np.float32)], 1)
+        if temperature <= 0:
+            return self.algo.predict(x)
+        # d3rlpy's discrete BC keeps its categorical policy as the ``imitator`` module
+        imitator = getattr(getattr(self.algo.impl, "modules", None), "imitator", None)
+        with torch.no_grad():
+            output = imitator(torch.from_numpy(x).to(self.algo.impl.device)) if imitator is not None else None
+        if output is None or not hasattr(output, "logits"):
+            raise ValueError(f"{self.name}: sampling at temperature {temperature} needs a policy with a discrete "
+                             "action distribution (discrete BC); use temperature 0")
+        probs = torch.softmax(output.logits.float().cpu() / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1).numpy()
 
 
 _REQUIRED = {"train": dict, "env": str, "encoder": str, "observation_dim": int, "state_dim": int, "action_size": int,

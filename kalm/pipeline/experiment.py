@@ -80,6 +80,24 @@ def _default_levels() -> dict[str, LevelPlan]:
 
 
 @dataclass(frozen=True)
+class AblationPlan:
+    """The imagination ablation without an LLM (:mod:`kalm.imagine.without_llm`): each
+    level is imagined again, with the same plan, by the baseline's first-seed policy
+    inside an MLP dynamics model of ``dynamics_steps`` Adam steps (early-stopped), and
+    a third policy per seed trains on real + those rollouts."""
+
+    enabled: bool = True
+    dynamics_steps: int = 2000
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be true or false, got {self.enabled!r}")
+        if isinstance(self.dynamics_steps, bool) or not isinstance(self.dynamics_steps, int) or self.dynamics_steps < 1:
+            raise ValueError(f"dynamics_steps must be a whole number >= 1, got {self.dynamics_steps!r}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """One KALM experiment. The defaults are ``clevr-default``: the README's main job,
     sized for about 30 minutes on 2 CPU cores with the embedded SmolLM2-135M.
@@ -88,6 +106,8 @@ class PipelineConfig:
     ``hindsight``: simulator rollouts labelled with the one goal they achieved, for
     grounding (``grounding.hindsight_share`` of its examples) and for scoring
     explanation where the answer is determined; ``episodes=0`` leaves them out.
+    ``ablation``: the same levels imagined without an LLM, trained on and evaluated
+    beside KALM (:class:`AblationPlan`).
     ``grounded_model``: a model directory written by ``kalm ground`` (for instance on a
     GPU machine); when set, the ground stage adopts it instead of training, and ``llm``
     and ``grounding`` are not used.
@@ -101,6 +121,7 @@ class PipelineConfig:
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     levels: dict[str, LevelPlan] = field(default_factory=_default_levels)
     imagine: ImagineConfig = field(default_factory=lambda: ImagineConfig(n=240))
+    ablation: AblationPlan = field(default_factory=AblationPlan)
     # A tenth of each batch is imagined, split evenly between the levels: at the paper's
     # half, a few hundred rollouts are each repeated thousands of times and seen-task
     # success fell; pooled by transitions, the many rephrase rollouts would crowd out

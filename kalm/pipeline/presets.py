@@ -13,7 +13,7 @@ from kalm.grounding.finetune import GroundingConfig
 from kalm.imagine.generate import GenerationConfig
 from kalm.imagine.rollouts import ImagineConfig
 from kalm.offline.config import TrainConfig
-from kalm.pipeline.experiment import LevelPlan, PipelineConfig, apply_overrides
+from kalm.pipeline.experiment import AblationPlan, LevelPlan, PipelineConfig, apply_overrides
 
 
 def _plain_levels() -> dict[str, LevelPlan]:
@@ -33,6 +33,7 @@ def clevr_tiny() -> PipelineConfig:
         imagine=ImagineConfig(n=6, keep_failures=True, physics_filter=False,
                               generation=GenerationConfig(max_steps=4, batch_size=6)),
         train=TrainConfig(algo="bc", steps=40, checkpoint_every=20),
+        ablation=AblationPlan(dynamics_steps=100),
         seeds=(0,),
         eval_episodes=4,
         llm_policy_episodes=2,

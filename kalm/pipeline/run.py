@@ -1,9 +1,10 @@
 """``kalm run``: the whole KALM experiment as cached, resumable stages.
 
-collect real data -> ground the LLM -> imagine rollouts per novel level -> train the
-offline-RL baseline (real only) and KALM (real + imagined) with the same algorithm,
-steps and seeds -> evaluate both, and the LLM itself as a policy, on all four levels
--> write ``run.json`` (which stage directories this run used) and the report, which
+collect real data -> ground the LLM -> imagine rollouts per novel level (and again
+without the LLM, for the ablation) -> train the offline-RL baseline (real only), KALM
+(real + imagined) and the ablation (real + imagined without the LLM) with the same
+algorithm, steps and seeds -> evaluate them, and the LLM itself as a policy, on all four
+levels -> write ``run.json`` (which stage directories this run used) and the report, which
 :mod:`kalm.report` builds from the run directory alone.
 """
 
@@ -19,12 +20,15 @@ from kalm.pipeline.experiment import PipelineConfig, check_config
 from kalm.pipeline.stages import (
     GroundedModel,
     collect_stage,
+    dynamics_stage,
     ground_stage,
     hindsight_stage,
     imagine_stage,
+    imagine_without_llm_stage,
     llm_policy_stage,
     policy_stages,
     showcase_stage,
+    train_stage,
 )
 
 MANIFEST = "run.json"
@@ -44,7 +48,14 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
         grounded = ground_stage(cache, spec, config, real, hindsight)
         model = GroundedModel(grounded, spec, config.imagine.precision)
         imagined = [imagine_stage(cache, spec, config, model, level) for level in config.levels]
-        policies = policy_stages(cache, config, real, imagined)
+        trains_on = {"baseline": [], "kalm": imagined}
+        if config.ablation.enabled:
+            # the baseline's first policy, trained here first; the policy stages find it cached
+            policy = train_stage(cache, config, "baseline", config.seeds[0], real, [])
+            dynamics = dynamics_stage(cache, spec, config, real)
+            trains_on["no-llm"] = [imagine_without_llm_stage(cache, spec, config, policy, dynamics, level)
+                                   for level in config.levels]
+        policies = policy_stages(cache, config, real, trains_on)
         llm_evaluation = llm_policy_stage(cache, spec, config, model)
         show = showcase_stage(cache, spec, config, policies[("kalm", config.seeds[0])][0], imagined)
 
@@ -65,8 +76,11 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
                 "ground": grounded.path.name,
                 # pairs, not an object: the levels keep their order in the sorted JSON
                 "imagine": [[s.name.removeprefix("imagine-"), s.path.name] for s in imagined],
-                "train": {method: names(method, 0) for method in ("baseline", "kalm")},
-                "evaluate": {method: names(method, 1) for method in ("baseline", "kalm")},
+                "imagine-no-llm": [[s.name.removeprefix("imagine-no-llm-"), s.path.name]
+                                   for s in trains_on.get("no-llm", [])],
+                "dynamics-mlp": dynamics.path.name if config.ablation.enabled else None,
+                "train": {method: names(method, 0) for method in trains_on},
+                "evaluate": {method: names(method, 1) for method in trains_on},
                 "llm-policy": llm_evaluation.path.name,
                 "showcase": show.path.name,
             },

@@ -140,6 +140,43 @@ def imagine_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, mode
                                                        "kalm.grounding.checkpoint"])
 
 
+def dynamics_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput) -> StageOutput:
+    """The MLP dynamics model of the no-LLM ablation, trained on the real transitions."""
+    from kalm.imagine.without_llm import fit_dynamics
+
+    def build(work: Path):
+        model, info = fit_dynamics(load_episodes(real.path / "real.h5", spec), spec, config.ablation.dynamics_steps,
+                                   config.ablation.seed)
+        model.save(work / "dynamics.safetensors")
+        return info
+
+    return cache.run("dynamics-mlp", _as_json(config.ablation), build, {"real": real.key},
+                     code=["kalm.grounding.dynamics_baseline", "kalm.imagine.without_llm"])
+
+
+def imagine_without_llm_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, policy: StageOutput,
+                              dynamics: StageOutput, level: str) -> StageOutput:
+    """The level imagined by the real-data policy inside the MLP dynamics model: the
+    same prompts and filters as :func:`imagine_stage`, no LLM."""
+    from kalm.evaluation.imagined import replay_generated, replay_imagined
+    from kalm.imagine.rollouts import PROMPT_DRAW
+    from kalm.imagine.without_llm import imagine_without_llm
+
+    imagine_config = config.levels[level].imagine_config(config.imagine, level)
+
+    def build(work: Path):
+        result = imagine_without_llm(policy.path / "policy", dynamics.path / "dynamics.safetensors", spec,
+                                     imagine_config)
+        if result.dataset is not None:
+            save_episodes(result.dataset, work / "imagined.h5")
+        return {**result.stats, "replay": replay_imagined(spec, result.dataset),
+                "replay_generated": replay_generated(spec, result.attempts, REPLAYED_GENERATED)}
+
+    return cache.run(f"imagine-no-llm-{level}", {**_as_json(imagine_config), "prompt_draw": PROMPT_DRAW}, build,
+                     {"policy": policy.key, "dynamics": dynamics.key},
+                     code=["kalm.imagine.without_llm", "kalm.imagine.rollouts", "kalm.evaluation.imagined"])
+
+
 def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: int, real: StageOutput,
                 imagined: list[StageOutput], progress: bool = True) -> StageOutput:
     from kalm.offline.train import train
@@ -208,8 +245,10 @@ def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, rea
 
 
 def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
-                  imagined: list[StageOutput]) -> dict[tuple[str, int], tuple[StageOutput, StageOutput]]:
+                  imagined: Mapping[str, list[StageOutput]]) -> dict[tuple[str, int], tuple[StageOutput, StageOutput]]:
     """Every (method, seed) policy trained and evaluated: ``{(method, seed): (train, evaluation)}``.
+    ``imagined`` maps each method to the imagined stages it trains on besides the real
+    data (``[]`` for the baseline).
 
     Why processes: d3rlpy's networks are small, so a training run (and the simulator in
     evaluation) keeps one core busy and no more; with two cores idle, two policies
@@ -217,7 +256,7 @@ def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
     halves this part of the run. With one idle core they run here, in order, with their
     own progress bars.
     """
-    jobs = [(method, seed, extra) for seed in config.seeds for method, extra in (("baseline", []), ("kalm", imagined))]
+    jobs = [(method, seed, extra) for seed in config.seeds for method, extra in imagined.items()]
     workers = min(len(jobs), free_cores())
     if workers < 2:
         return {(m, s): policy_job(cache.root, config, m, s, real, extra) for m, s, extra in jobs}
