@@ -34,6 +34,7 @@ _API = {
     "ImagineConfig": ("kalm.imagine.rollouts", "ImagineConfig"),
     # not "imagine": importing the kalm.imagine package binds that name to the package
     "imagine_rollouts": ("kalm.imagine.rollouts", "imagine"),
+    "imagine_without_llm": ("kalm.imagine.without_llm", "imagine_without_llm"),
     "TrainConfig": ("kalm.offline.config", "TrainConfig"),
     "train_policy": ("kalm.offline.train", "train"),
     "evaluate_policy": ("kalm.evaluation.evaluate", "evaluate_policy"),

@@ -224,7 +224,12 @@ def ground(
 
 @app.command()
 def imagine(
-    model: Path = typer.Option(..., help="Grounded model directory (the model/ written by `kalm ground`)."),
+    model: Path = typer.Option(None, help="Grounded model directory (the model/ written by `kalm ground`)."),
+    policy: Path = typer.Option(None, help="Instead of --model, the no-LLM ablation: a policy directory "
+                                           "(`kalm train` on real data) acting in an MLP dynamics model."),
+    real: Path = typer.Option(None, help="With --policy: the real episode file the MLP dynamics model is trained "
+                                         "on (saved as <out>.dynamics.safetensors)."),
+    dynamics_steps: int = typer.Option(2000, help="With --policy: Adam steps of the MLP dynamics model."),
     level: str = typer.Option(..., help="Level whose instructions to imagine: rephrase | easy | hard."),
     n: int = typer.Option(200, help="Number of rollouts (the level's tasks are cycled evenly)."),
     out: Path = typer.Option(..., help="Episode file to write (HDF5); statistics go to <out>.stats.json."),
@@ -251,26 +256,24 @@ def imagine(
     precision: str = typer.Option(None, help="auto | bf16 | fp32: the LLM body's dtype while imagining (default "
                                              "auto: bf16 where the hardware has it)."),
 ) -> None:
-    """Imagine labelled rollouts for a level's instructions with a grounded LLM."""
+    """Imagine labelled rollouts for a level's instructions with a grounded LLM (--model),
+    or without one (--policy and --real: the ablation)."""
     try:
         import json
 
         from kalm.data.episodes import save_episodes
-        from kalm.envs import get_spec
         from kalm.files import write_json_atomic
-        from kalm.grounding.model import GroundedLM
-        from kalm.imagine.rollouts import imagine as run_imagine
         from kalm.imagine.rollouts import imagine_config
 
-        grounded = GroundedLM.load(model)
-        spec = get_spec(grounded.config.env)
-        grounded.merge_lora()
+        if (model is None) == (policy is None):
+            raise ValueError("give exactly one of --model DIR (the grounded LLM) and --policy DIR (no LLM)")
         config = imagine_config(level=level, n=n, seed=seed, temperature=temperature, max_steps=max_steps,
                                 batch_size=batch_size, keep_failures=keep_failures, physics_filter=physics_filter,
                                 explain_back=explain_back, robust_noise=robust_noise, robust_share=robust_share,
                                 compose=compose, segment_steps=segment_steps,
                                 starts_per_instruction=starts_per_instruction, precision=precision)
-        result = run_imagine(grounded, spec, config)
+        result = (_imagine_with_llm(model, config) if model is not None
+                  else _imagine_without_llm(policy, real, dynamics_steps, out, config))
         stats_path = out.with_name(out.name + ".stats.json")
         if result.dataset is None:
             raise ValueError(f"no rollout was kept out of {n} ({json.dumps(result.stats['counts'])}); "
@@ -283,6 +286,31 @@ def imagine(
     typer.echo(f"kept {counts['kept']} of {counts['generated']} rollouts "
                f"({counts['succeeded']} reached the goal in imagination)")
     typer.echo(f"wrote {out} and {stats_path}")
+
+
+def _imagine_with_llm(model: Path, config):
+    from kalm.envs import get_spec
+    from kalm.grounding.model import GroundedLM
+    from kalm.imagine.rollouts import imagine as run_imagine
+
+    grounded = GroundedLM.load(model)
+    return run_imagine(grounded.merge_lora(), get_spec(grounded.config.env), config)
+
+
+def _imagine_without_llm(policy: Path, real: Path | None, steps: int, out: Path, config):
+    from kalm.data.episodes import load_episodes
+    from kalm.envs import get_spec
+    from kalm.imagine.without_llm import fit_dynamics, imagine_without_llm
+    from kalm.offline.policy import LanguagePolicy
+
+    if real is None:
+        raise ValueError("--policy needs --real FILE: the real episodes its MLP dynamics model is trained on")
+    if config.explain_back:
+        raise ValueError("--explain-back needs the LLM (--model): without one nothing explains the rollouts")
+    spec = get_spec(LanguagePolicy(policy).env)
+    dynamics, _ = fit_dynamics(load_episodes(real, spec), spec, steps, config.seed)
+    path = dynamics.save(out.with_name(out.name + ".dynamics.safetensors"))
+    return imagine_without_llm(policy, path, spec, config)
 
 
 @app.command("train")
@@ -336,6 +364,8 @@ def evaluate_cmd(
     out: Path = typer.Option(None, help="Results JSON (a .md table is written next to it)."),
     embedding_cache: Path = typer.Option(None, help="Safetensors file caching instruction embeddings."),
     epsilon: float = typer.Option(0.0, help="Share of random actions a trained policy takes (0: greedy)."),
+    temperature: float = typer.Option(0.0, help="Draw a trained policy's actions from its own distribution at "
+                                                "this temperature (0: greedy; discrete BC)."),
 ) -> None:
     """Success rates with 95% Wilson intervals in the real simulator."""
     try:
@@ -343,8 +373,10 @@ def evaluate_cmd(
         from kalm.evaluation.tables import default_results_path, write_results
 
         report = evaluate_policy(policy, baseline=baseline, env=env, level=level, tasks=tasks, episodes=episodes,
-                                 seed=seed, epsilon=epsilon, embedding_cache=embedding_cache)
-        written, _ = write_results(report, out or default_results_path(policy, baseline, level, tasks, seed, epsilon))
+                                 seed=seed, epsilon=epsilon, temperature=temperature,
+                                 embedding_cache=embedding_cache)
+        written, _ = write_results(report, out or default_results_path(policy, baseline, level, tasks, seed, epsilon,
+                                                                       temperature))
     except (ValueError, OSError) as exc:
         _fail(exc)
     from kalm.evaluation.tables import markdown_table

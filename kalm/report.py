@@ -271,10 +271,18 @@ def _stage_times(records) -> dict[str, float]:
     return timings
 
 
+def _acting(temperature: float) -> str:
+    if not temperature:
+        return "Trained policies act greedily (the argmax action); the LLM policy too."
+    return (f"Trained policies draw each action from their own action distribution at temperature {temperature:g} "
+            "(every method alike); the LLM policy acts greedily.")
+
+
 def _notes(manifest: Mapping, run_dir: Path) -> list[str]:
     notes = [f"{len(manifest['seeds'])} seeds x {manifest['eval_episodes']} episodes per level for each policy (each "
-             "seed its own episodes, the same for the baseline and KALM policies of that seed); "
+             "seed its own episodes, the same for every method's policy of that seed); "
              f"the LLM policy: {manifest['llm_policy_episodes']} episodes per level.",
+             _acting(manifest.get("eval_temperature", 0.0)),
              f"Resolved config: {run_dir / 'config.json'}"]
     if manifest.get("grounded_model"):
         notes.append(f"Grounding was not trained in this run: the model was adopted from {manifest['grounded_model']}.")

@@ -99,3 +99,61 @@ def test_imagine_without_llm_labels_filters_and_names_its_source(trained):
             assert episode.terminated and task.success(episode.observations[-1], episode.observations[0])
     with pytest.raises(ValueError, match="trained on 'clevr', not 'metaworld'"):
         imagine_without_llm(root / "policy", root / "dynamics.safetensors", get_spec("metaworld"), config)
+
+
+def test_imagine_command_runs_the_ablation_from_a_policy_and_real_data(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from kalm.cli import app
+    from kalm.data.episodes import load_episodes
+
+    root, _, _ = trained
+    out = tmp_path / "easy.h5"
+    args = ["imagine", "--policy", str(root / "policy"), "--real", str(root / "real.h5"), "--dynamics-steps", "100",
+            "--level", "easy", "--n", "6", "--max-steps", "3", "--keep-failures", "--no-physics-filter",
+            "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    dataset = load_episodes(out, SPEC)
+    assert len(dataset.episodes) == 6 and dataset.metadata["source"] == "imagined without an LLM"
+    assert MLPDynamics.load(tmp_path / "easy.h5.dynamics.safetensors").state_dim == SPEC.state_dim
+    for extra, message in (([], "needs --real"), (["--real", str(root / "real.h5"), "--explain-back"], "needs the LLM"),
+                           (["--model", str(root)], "exactly one of --model")):
+        refused = CliRunner().invoke(app, ["imagine", "--policy", str(root / "policy"), "--level", "easy",
+                                           "--out", str(tmp_path / "x.h5"), *extra])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_the_policys_action_distribution_peaks_at_its_greedy_action(trained):
+    """Sampling reads the same network as greedy acting, observation scaling included."""
+    root, dataset, _ = trained
+    policy = LanguagePolicy(root / "policy")
+    states = np.stack([e.observations[0] for e in dataset.episodes])
+    embeddings = policy.encoder.encode([e.instruction for e in dataset.episodes])
+    probs = policy.action_probabilities(states, embeddings, temperature=1.0)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(probs.argmax(1), policy.act_batch(states, embeddings))
+    sharp = policy.action_probabilities(states, embeddings, temperature=0.1)
+    assert (sharp.max(1) >= probs.max(1) - 1e-9).all()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        policy.action_probabilities(states, embeddings, temperature=0.0)
+
+
+def test_sampled_evaluation_is_seeded_and_not_greedy(trained):
+    from kalm.evaluation.evaluate import evaluate
+    from kalm.evaluation.policies import TrainedPolicy
+
+    root, _, _ = trained
+    levels = {"seen": SPEC.levels["seen"](0)[:20]}
+
+    def actions(policy, seed):  # what each episode came to: success and steps taken
+        result = evaluate(policy, SPEC, levels, episodes=12, seed=seed, progress=False)
+        return [(r["success"], r["steps"]) for r in result["results"]]
+
+    sampled = TrainedPolicy(root / "policy", temperature=1.0)
+    assert sampled.name.endswith("@T1")
+    assert actions(sampled, 3) == actions(TrainedPolicy(root / "policy", temperature=1.0), 3)
+    assert actions(sampled, 3) != actions(TrainedPolicy(root / "policy"), 3)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        TrainedPolicy(root / "policy", temperature=-1.0)

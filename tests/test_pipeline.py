@@ -145,6 +145,14 @@ def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
         check_config(replace(config, hindsight=HindsightConfig(episodes=0)))
     with pytest.raises(ValueError, match=r"'hindsight'.*expert_share"):
         check_config(replace(config, hindsight=HindsightConfig(episodes=5, expert_share=2.0)))
+    # sampled evaluation needs an action distribution: refused for CQL before any work, greedy accepted
+    cql = load_config(str(good))
+    cql = replace(cql, train=replace(cql.train, algo="cql"))
+    with pytest.raises(ValueError, match=r"'eval_temperature'.*discrete BC.*not cql"):
+        check_config(cql)
+    assert check_config(replace(cql, eval_temperature=0.0)).name == "clevr"
+    with pytest.raises(ValueError, match=r"'eval_temperature'.*>= 0"):
+        check_config(replace(config, eval_temperature=-1.0))
 
 
 def _check_adopting_a_grounded_model(config, grounded, out):

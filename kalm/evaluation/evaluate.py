@@ -215,7 +215,7 @@ def evaluate(
 
 def evaluate_policy(policy: str | Path | EvalPolicy | None = None, *, baseline: str | None = None,
                     env: str | None = None, level: str = "all", tasks: str | Path | None = None,
-                    episodes: int = 100, seed: int = 0, epsilon: float = 0.0,
+                    episodes: int = 100, seed: int = 0, epsilon: float = 0.0, temperature: float = 0.0,
                     embedding_cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Success rates of a policy in the real simulator: ``policy`` is a directory written
     by ``kalm train`` (or any :class:`EvalPolicy`), or ``baseline`` names a reference
@@ -230,7 +230,8 @@ def evaluate_policy(policy: str | Path | EvalPolicy | None = None, *, baseline: 
 
     set_torch_threads(1)  # tiny networks; see kalm.offline.train
     if policy is None or isinstance(policy, (str, Path)):
-        policy, env = make_policy(None if policy is None else Path(policy), baseline, env, embedding_cache, epsilon)
+        policy, env = make_policy(None if policy is None else Path(policy), baseline, env, embedding_cache, epsilon,
+                                  temperature)
     elif env is None:
         raise ValueError("evaluating a policy object needs env")
     spec = get_spec(env)
@@ -241,6 +242,7 @@ def evaluate_policy(policy: str | Path | EvalPolicy | None = None, *, baseline: 
         levels = resolve_levels(spec, level, seed)
     report = evaluate(policy, spec, levels, episodes, seed, progress=progress)
     report["epsilon"] = epsilon
+    report["temperature"] = temperature
     if tasks is not None:
         report["task_file"] = str(tasks)
     return report

@@ -44,31 +44,50 @@ class BatchEvalPolicy(EvalPolicy, Protocol):
 
 
 class TrainedPolicy:
-    """A policy directory written by ``kalm train``, acting greedily, or ε-greedily.
+    """A policy directory written by ``kalm train``: greedy, ε-greedy, or sampling.
 
     A greedy deterministic policy that takes a push which changes nothing (a ball
-    against a wall) sees the same state again and repeats it until the horizon; an
-    ``epsilon`` share of uniformly random actions (drawn from the episode's seeded
-    generator) breaks such loops, as in d3rlpy's and DQN's Atari evaluations. Reports
-    name the epsilon used.
+    against a wall) sees the same state again and repeats it until the horizon. Two
+    ways out: an ``epsilon`` share of uniformly random actions (as in d3rlpy's and
+    DQN's Atari evaluations), or ``temperature`` > 0, which draws every action from the
+    policy's own distribution (its logits divided by the temperature; discrete BC), so
+    a repeated state need not give a repeated action. Both draw from the episode's
+    seeded generator, and reports name the setting used.
     """
 
-    def __init__(self, policy_dir: str | Path, embedding_cache: str | Path | None = None, epsilon: float = 0.0):
+    def __init__(self, policy_dir: str | Path, embedding_cache: str | Path | None = None, epsilon: float = 0.0,
+                 temperature: float = 0.0):
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        if not temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         self.policy = LanguagePolicy(policy_dir, embedding_cache)
-        self.epsilon = epsilon
-        self.name = self.policy.name if epsilon == 0 else f"{self.policy.name}@eps{epsilon:g}"
+        self.epsilon, self.temperature = epsilon, temperature
+        if temperature > 0:  # refuse a learner without an action distribution before any episode
+            dim = self.policy.config["observation_dim"] - self.policy.config["state_dim"]
+            self.policy.action_probabilities(np.zeros((1, self.policy.config["state_dim"])), np.zeros((1, dim)),
+                                             temperature)
+        suffix = (f"@eps{epsilon:g}" if epsilon else "") + (f"@T{temperature:g}" if temperature else "")
+        self.name = self.policy.name + suffix
         self.env = self.policy.env
         self._random = RandomPolicy(get_spec(self.env))
 
     def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn:
         embedding = self.policy.embed(instruction.text)
+        act = self._sampler(embedding, rng) if self.temperature > 0 else (
+            lambda obs: self.policy.act(obs, embedding))
         if self.epsilon == 0:
-            return lambda obs: self.policy.act(obs, embedding)
+            return act
         explore = self._random.begin(env, instruction, start, rng)
         epsilon = self.epsilon
-        return lambda obs: explore(obs) if rng.random() < epsilon else self.policy.act(obs, embedding)
+        return lambda obs: explore(obs) if rng.random() < epsilon else act(obs)
+
+    def _sampler(self, embedding: np.ndarray, rng: np.random.Generator) -> ActFn:
+        def act(obs: np.ndarray) -> int:
+            probs = self.policy.action_probabilities(np.asarray(obs)[None], embedding[None], self.temperature)[0]
+            return int(rng.choice(len(probs), p=probs / probs.sum()))
+
+        return act
 
 
 class RandomPolicy:
@@ -111,13 +130,14 @@ BASELINES = ("random", "expert")
 
 
 def make_policy(policy_dir: Path | None, baseline: str | None, env: str | None,
-                embedding_cache: Path | None = None, epsilon: float = 0.0) -> tuple[EvalPolicy, str]:
+                embedding_cache: Path | None = None, epsilon: float = 0.0,
+                temperature: float = 0.0) -> tuple[EvalPolicy, str]:
     """The policy to evaluate and its environment's name: a trained policy directory,
     or a reference policy by name (which then needs ``env``)."""
     if (policy_dir is None) == (baseline is None):
         raise ValueError("give exactly one of --policy DIR and --baseline random|expert")
     if policy_dir is not None:
-        trained = TrainedPolicy(policy_dir, embedding_cache, epsilon)
+        trained = TrainedPolicy(policy_dir, embedding_cache, epsilon, temperature)
         if env is not None and env != trained.env:
             raise ValueError(f"the policy was trained on {trained.env!r}, not {env!r}")
         return trained, trained.env

@@ -46,10 +46,10 @@ def write_results(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 def default_results_path(policy_dir: Path | None, baseline: str | None, level: str, tasks: Path | None, seed: int,
-                         epsilon: float = 0.0) -> Path:
+                         epsilon: float = 0.0, temperature: float = 0.0) -> Path:
     """Where ``kalm evaluate`` writes results when not told: beside the policy, in
     ``<policy>/evaluation/``, named by what was evaluated (reference policies under
     ``runs/eval/``)."""
-    suffix = "" if epsilon == 0 else f"-eps{epsilon:g}"
+    suffix = ("" if epsilon == 0 else f"-eps{epsilon:g}") + ("" if temperature == 0 else f"-T{temperature:g}")
     name = f"{tasks.stem if tasks is not None else level}-seed{seed}{suffix}.json"
     return (policy_dir / "evaluation" / name) if policy_dir is not None else Path("runs/eval") / f"{baseline}-{name}"

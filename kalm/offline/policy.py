@@ -67,20 +67,31 @@ class LanguagePolicy:
     def act_batch(self, states: np.ndarray, embeddings: np.ndarray, temperature: float = 0.0,
                   generator: torch.Generator | None = None) -> np.ndarray:
         """Actions for a batch of states, each with its instruction's embedding: greedy
-        at ``temperature`` 0, otherwise drawn from the policy's action distribution
-        softened by ``temperature`` (only learners with one, such as discrete BC)."""
-        x = np.concatenate([np.asarray(states, dtype=np.float32), np.asarray(embeddings, dtype=np.float32)], 1)
+        at ``temperature`` 0, otherwise drawn from :meth:`action_probabilities`."""
         if temperature <= 0:
-            return self.algo.predict(x)
-        # d3rlpy's discrete BC keeps its categorical policy as the ``imitator`` module
-        imitator = getattr(getattr(self.algo.impl, "modules", None), "imitator", None)
-        with torch.no_grad():
-            output = imitator(torch.from_numpy(x).to(self.algo.impl.device)) if imitator is not None else None
-        if output is None or not hasattr(output, "logits"):
-            raise ValueError(f"{self.name}: sampling at temperature {temperature} needs a policy with a discrete "
-                             "action distribution (discrete BC); use temperature 0")
-        probs = torch.softmax(output.logits.float().cpu() / temperature, dim=-1)
+            return self.algo.predict(self._inputs(states, embeddings))
+        probs = torch.from_numpy(self.action_probabilities(states, embeddings, temperature))
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1).numpy()
+
+    def action_probabilities(self, states: np.ndarray, embeddings: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """``(n, n_actions)``: the policy's own action distribution, its logits divided by
+        ``temperature``. Only learners that have one (d3rlpy's discrete BC keeps its
+        categorical policy as the ``imitator`` module); others are refused by name."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 to sample, got {temperature}")
+        imitator = getattr(getattr(self.algo.impl, "modules", None), "imitator", None)
+        x = torch.from_numpy(self._inputs(states, embeddings)).to(self.algo.impl.device)
+        scaler = self.algo.config.observation_scaler  # what d3rlpy's predict applies before the network
+        with torch.no_grad():
+            output = imitator(scaler.transform(x) if scaler else x) if imitator is not None else None
+        if output is None or not hasattr(output, "logits"):
+            raise ValueError(f"{self.name}: sampling actions needs a policy with a discrete action distribution "
+                             "(discrete BC); this one only acts greedily")
+        return torch.softmax(output.logits.float().cpu() / temperature, dim=-1).numpy().astype(np.float64)
+
+    @staticmethod
+    def _inputs(states: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(states, dtype=np.float32), np.asarray(embeddings, dtype=np.float32)], 1)
 
 
 _REQUIRED = {"train": dict, "env": str, "encoder": str, "observation_dim": int, "state_dim": int, "action_size": int,

@@ -54,6 +54,7 @@ def metaworld_default() -> PipelineConfig:
         imagine=ImagineConfig(n=96, physics_filter=False, robust_noise=0.0,
                               generation=GenerationConfig(max_steps=60, batch_size=16)),
         train=TrainConfig(algo="td3plusbc", steps=5000),
+        eval_temperature=0.0,  # TD3+BC's actor is deterministic: greedy
         eval_episodes=40,
         llm_policy_episodes=4,
     )

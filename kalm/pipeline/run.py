@@ -68,6 +68,7 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             "algo": config.train.algo,
             "seeds": list(config.seeds),
             "eval_episodes": config.eval_episodes,
+            "eval_temperature": config.eval_temperature,
             "llm_policy_episodes": config.llm_policy_episodes,
             "grounded_model": config.grounded_model,
             "stages": {

@@ -207,14 +207,15 @@ def plan_seed(config: PipelineConfig, training_seed: int) -> int:
 
 
 def evaluate_stage(cache: StageCache, spec: EnvSpec, name: str, make_policy: Callable, episodes: int,
-                   plan: int, inputs: Mapping[str, str], code: list[str], progress: bool = True) -> StageOutput:
+                   plan: int, inputs: Mapping[str, str], code: list[str], progress: bool = True,
+                   acting: Mapping[str, float] | None = None) -> StageOutput:
     def build(work: Path):
         levels = resolve_levels(spec, "all", plan)
         results = evaluate(make_policy(), spec, levels, episodes, plan, progress=progress)
         (work / "results.json").write_text(json.dumps(results))
         return {level: r["success_rate"] for level, r in results["levels"].items()}
 
-    return cache.run(f"evaluate-{name}", {"episodes": episodes, "seed": plan}, build, inputs,
+    return cache.run(f"evaluate-{name}", {"episodes": episodes, "seed": plan, **(acting or {})}, build, inputs,
                      code=["kalm.evaluation.evaluate", *code])
 
 
@@ -238,9 +239,11 @@ def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, rea
     Top-level so a worker process can run it; both stages are cached as usual."""
     cache, spec = StageCache(stages), get_spec(config.env)
     stage = train_stage(cache, config, method, seed, real, imagined, progress)
-    evaluation = evaluate_stage(cache, spec, f"{method}-s{seed}", lambda: TrainedPolicy(stage.path / "policy"),
+    temperature = config.eval_temperature
+    evaluation = evaluate_stage(cache, spec, f"{method}-s{seed}",
+                                lambda: TrainedPolicy(stage.path / "policy", temperature=temperature),
                                 config.eval_episodes, plan_seed(config, seed), {"policy": stage.key},
-                                ["kalm.evaluation.policies"], progress)
+                                ["kalm.evaluation.policies"], progress, {"temperature": temperature})
     return stage, evaluation
 
 
@@ -289,9 +292,10 @@ def showcase_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, pol
         for path in files:
             kept = load_episodes(path, spec).episodes
             episodes += ([e for e in kept if e.terminated] or list(kept))[:per_file]
-        rows = write_showcase(spec, TrainedPolicy(policy.path / "policy"), episodes, work)
+        rows = write_showcase(spec, TrainedPolicy(policy.path / "policy", temperature=config.eval_temperature),
+                              episodes, work)
         return {"rollouts": len(rows)}
 
-    return cache.run("showcase", {"n": config.showcases}, build,
+    return cache.run("showcase", {"n": config.showcases, "temperature": config.eval_temperature}, build,
                      {"policy": policy.key, **{s.name: s.key for s in imagined}},
                      code=["kalm.evaluation.showcase", "kalm.evaluation.policies"])
