@@ -113,13 +113,14 @@ _GROUNDING_ROWS = (
      "explanation_equivalent_chance_among_achieved", "a random pick among the goals achieved"),
     ("explanation_achieved", "Explanation of held-out expert episodes: a goal the trajectory achieved", None, ""),
     ("determined_explanation_equivalent",
-     "Explanation of held-out trajectories that achieved exactly one goal: that goal", None, ""),
+     "Explanation of held-out trajectories that achieved exactly one goal: that goal",
+     "determined_explanation_chance", "naming one training goal at random"),
     ("generation_success", "Generation from held-out starts and phrasings: reaches the goal in imagination", None,
      ""),
 )
 _PERCENT_METRICS = {"explanation_accuracy", "explanation_chance_among_achieved", "explanation_equivalent",
                     "explanation_equivalent_chance_among_achieved", "explanation_achieved",
-                    "determined_explanation_equivalent", "generation_success"}
+                    "determined_explanation_equivalent", "determined_explanation_chance", "generation_success"}
 
 
 def _grounding_value(metrics: Mapping[str, float], key: str | None) -> str:

@@ -42,6 +42,17 @@ def test_cache_file_serves_repeated_texts_without_the_model(tmp_path):
     np.testing.assert_array_equal(again, first[::-1])
 
 
+def test_a_text_gets_the_same_vector_whatever_was_encoded_with_it():
+    """Batched, a vector depends on the other texts' padding (in the 7th digit), which
+    made two runs train different policies from the same data."""
+    model = load_encoder("minilm-seg3")
+    text = "Push the red ball to the left of the blue ball"
+    crowd = ["hi", "a much longer sentence with many more tokens than the others, to force padding", text]
+    alone = CachedEncoder(model).encode([text])[0]
+    np.testing.assert_array_equal(CachedEncoder(model).encode(crowd)[2], alone)
+    np.testing.assert_array_equal(CachedEncoder(model).encode(crowd[1:])[1], alone)
+
+
 def test_cache_entries_are_keyed_by_encoder_name(tmp_path):
     cache = tmp_path / "emb.safetensors"
     shared_encoder("minilm", cache).encode(SWAPPED)

@@ -132,7 +132,9 @@ def determined_explanation(model, spec, episodes: list[GroundingEpisode], window
     reading, not guessing among side effects."""
     sampler = ExampleSampler(model.prompts, episodes, window, validation=True)
     found = explanation_accuracy(model, spec, sampler, batch_size, max_new_tokens, max_episodes)
-    return {"determined_explanation_accuracy": found["explanation_accuracy"],
+    goals = {goal_key(task) for task in spec.training_tasks()}
+    return {"determined_explanation_chance": 1.0 / len(goals),  # naming one training goal at random
+            "determined_explanation_accuracy": found["explanation_accuracy"],
             "determined_explanation_equivalent": found["explanation_equivalent"],
             "determined_explanation_episodes": found["explanation_episodes"],
             "determined_explanation_samples": found["explanation_samples"]}

@@ -186,10 +186,13 @@ class CachedEncoder:
                 self._memory[key] = stored.astype(np.float32)
             else:
                 missing[key] = text
-        if missing:
-            vectors = self.encoder.encode(list(missing.values()))
-            for key, vector in zip(missing, vectors):
-                self._memory[key] = vector
+        # One text at a time: in a batch, a text's vector changes in the 7th digit with the
+        # other texts' padding, and which texts a process still has to encode depends on
+        # what it encoded before (a worker's earlier jobs). Batched, two fresh runs of
+        # `kalm run` trained different KALM policies from identical data; alone, a text
+        # always gets the same vector (3x slower to encode: 7 ms a text on one core).
+        for key, text in missing.items():
+            self._memory[key] = self.encoder.encode([text])[0]
         if self.cache_file is not None and any(k not in self._file_entries for k in keys):
             self._save(keys)
         if not keys:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kalm.data.collect import CollectConfig
+from kalm.data.hindsight import HindsightConfig
 from kalm.grounding.finetune import GroundingConfig
 from kalm.imagine.generate import GenerationConfig
 from kalm.imagine.rollouts import ImagineConfig
@@ -27,6 +28,7 @@ def clevr_tiny() -> PipelineConfig:
     directory to make it seconds)."""
     return PipelineConfig(
         collect=CollectConfig(episodes=40, epsilon=0.1, chunk_size=20),
+        hindsight=HindsightConfig(episodes=20, chunk_size=10),
         grounding=replace(GroundingConfig(), steps=4, checkpoint_every=2, eval_episodes=4, eval_batch_size=4,
                           warmup_steps=1, max_batch_size=8, precision="fp32"),
         levels=_plain_levels(),
@@ -50,6 +52,7 @@ def metaworld_default() -> PipelineConfig:
     return PipelineConfig(
         env="metaworld",
         collect=CollectConfig(episodes=400, epsilon=0.1, chunk_size=50),
+        hindsight=HindsightConfig(episodes=0),  # random actions rarely complete a Meta-World skill
         levels=_plain_levels(),
         imagine=ImagineConfig(n=96, physics_filter=False, robust_noise=0.0,
                               generation=GenerationConfig(max_steps=60, batch_size=16)),

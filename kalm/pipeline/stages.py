@@ -174,7 +174,8 @@ def imagine_without_llm_stage(cache: StageCache, spec: EnvSpec, config: Pipeline
 
     return cache.run(f"imagine-no-llm-{level}", {**_as_json(imagine_config), "prompt_draw": PROMPT_DRAW}, build,
                      {"policy": policy.key, "dynamics": dynamics.key},
-                     code=["kalm.imagine.without_llm", "kalm.imagine.rollouts", "kalm.evaluation.imagined"])
+                     code=["kalm.imagine.without_llm", "kalm.imagine.rollouts", "kalm.evaluation.imagined",
+                           "kalm.offline.policy"])
 
 
 def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: int, real: StageOutput,
