@@ -317,7 +317,8 @@ def _imagine_without_llm(policy: Path, real: Path | None, steps: int, out: Path,
 def train_cmd(
     data: list[Path] = typer.Option(..., help="Real episode file(s) (HDF5)."),
     imaginary: list[Path] = typer.Option([], help="Imaginary episode file(s) mixed into every batch."),
-    algo: str = typer.Option("bc", help="bc | cql (discrete or continuous) | td3plusbc | iql (continuous)."),
+    algo: str = typer.Option("bc", help="bc | cql | dt (Decision Transformer), for either action space; bcq "
+                             "(discrete); iql | awac | td3plusbc (continuous)."),
     steps: int = typer.Option(None, help="Gradient steps in total (default: the TrainConfig default)."),
     out: Path = typer.Option(..., help="Policy directory to create."),
     seed: int = typer.Option(0, help="Seed for network initialisation and batch sampling."),
@@ -327,6 +328,9 @@ def train_cmd(
                                       "--imaginary files."),
     batch_size: int = typer.Option(None, help="Default: the algorithm's reference batch size."),
     learning_rate: float = typer.Option(None, help="Default: the algorithm's reference learning rate."),
+    hyperparameters: str = typer.Option("kalm", help="kalm | paper: unset batch size and learning rate, and the "
+                                        "algorithm's constants, from KALM's Table 3 (with paper, --imaginary-ratio "
+                                        "0.5 and pooled mixing are the paper's 1:1)."),
     encoder: str = typer.Option("minilm-seg3", help="Instruction encoder: minilm-seg3, minilm, or st:/path/to/model."),
     checkpoint_every: int = typer.Option(1000, help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -340,7 +344,7 @@ def train_cmd(
         options = {
             "algo": algo, "seed": seed, "reward": reward, "imaginary_ratio": imaginary_ratio,
             "imaginary_mix": imaginary_mix, "batch_size": batch_size, "learning_rate": learning_rate,
-            "encoder": encoder, "checkpoint_every": checkpoint_every,
+            "encoder": encoder, "checkpoint_every": checkpoint_every, "hyperparameters": hyperparameters,
         }
         if steps is not None:
             options["steps"] = steps
@@ -365,7 +369,7 @@ def evaluate_cmd(
     embedding_cache: Path = typer.Option(None, help="Safetensors file caching instruction embeddings."),
     epsilon: float = typer.Option(0.0, help="Share of random actions a trained policy takes (0: greedy)."),
     temperature: float = typer.Option(0.0, help="Draw a trained policy's actions from its own distribution at "
-                                                "this temperature (0: greedy; discrete BC)."),
+                                                "this temperature (0: greedy; discrete BC or DT)."),
 ) -> None:
     """Success rates with 95% Wilson intervals in the real simulator."""
     try:

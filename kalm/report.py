@@ -55,6 +55,10 @@ class ReportInputs:
     timings: Mapping[str, float] = field(default_factory=dict)
     showcases: Sequence[Showcase] = ()
     notes: Sequence[str] = ()
+    # algorithm -> {"baseline", "KALM", "KALM - baseline"} -> level -> result, when a run
+    # compared several offline-RL algorithms on the same data
+    algorithms: Mapping[str, Mapping[str, Mapping[str, LevelResult]]] = field(default_factory=dict)
+    acting: Mapping[str, str] = field(default_factory=dict)  # algorithm -> how its policies act
 
 
 def _pct(x: float) -> str:
@@ -80,6 +84,66 @@ def success_table(inputs: ReportInputs) -> str:
             cells.append("–" if r is None else f"{_signed(r.mean)} [{_signed(r.low)}, {_signed(r.high)}]")
         rows.append(f"| {level} | " + " | ".join(cells) + " |")
     return head + "\n" + "\n".join(rows)
+
+
+ALGO_LABELS = {"bc": "BC", "cql": "CQL", "bcq": "BCQ", "iql": "IQL", "awac": "AWAC", "td3plusbc": "TD3+BC",
+               "dt": "Decision Transformer"}
+_ALGO_ROWS = ("baseline", "KALM", "KALM − baseline")
+
+
+def _cell(r: LevelResult | None, signed: bool = False) -> str:
+    if r is None:
+        return "–"
+    f = _signed if signed else _pct
+    return f"{f(r.mean)}{'' if signed else ' %'} [{f(r.low)}, {f(r.high)}]"
+
+
+def algorithm_table(inputs: ReportInputs) -> str:
+    """Every algorithm with and without the imagined data, and the paired difference,
+    per level; then the LLM itself as a policy."""
+    rows = ["| algorithm | acting | policy | " + " | ".join(LEVELS) + " |", "|---|---|---|" + "---|" * len(LEVELS)]
+    for algo, results in inputs.algorithms.items():
+        for row in _ALGO_ROWS:
+            cells = [_cell(results[row].get(level), signed=row == "KALM − baseline") for level in LEVELS]
+            label = row + (" (paired)" if row == "KALM − baseline" else "")
+            rows.append(f"| {ALGO_LABELS.get(algo, algo)} | {inputs.acting.get(algo, '')} | {label} | "
+                        + " | ".join(cells) + " |")
+    llm = inputs.results.get(METHOD_LABELS["llm-policy"])
+    if llm:
+        rows.append("| LLM as policy | greedy | – | " + " | ".join(_cell(llm.get(level)) for level in LEVELS) + " |")
+    return "\n".join(rows)
+
+
+def best_with_kalm(inputs: ReportInputs) -> dict[str, tuple[str, LevelResult]]:
+    """Per level, the algorithm whose KALM policy succeeded most often."""
+    best = {}
+    for level in LEVELS:
+        scored = [(algo, r["KALM"][level]) for algo, r in inputs.algorithms.items() if level in r["KALM"]]
+        if scored:
+            best[level] = max(scored, key=lambda item: item[1].mean)
+    return best
+
+
+def _algorithm_plot(inputs: ReportInputs, path: Path) -> None:
+    """One panel per level: each algorithm's baseline and KALM bars side by side."""
+    algos = list(inputs.algorithms)
+    fig, axes = plt.subplots(1, len(LEVELS), figsize=(3.0 * len(LEVELS), 3.4), sharey=True)
+    x = np.arange(len(algos))
+    for ax, level in zip(axes, LEVELS):
+        for i, row in enumerate(("baseline", "KALM")):
+            res = [inputs.algorithms[a][row].get(level) for a in algos]
+            means = np.array([r.mean if r else np.nan for r in res])
+            err = np.array([[r.mean - r.low, r.high - r.mean] if r else [0, 0] for r in res]).T
+            ax.bar(x + (i - 0.5) * 0.4, 100 * means, 0.4, yerr=100 * err, capsize=2, label=row, color=f"C{i}")
+        ax.set_xticks(x, [ALGO_LABELS.get(a, a).replace("Decision Transformer", "DT") for a in algos], fontsize=8)
+        ax.set_title(level)
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("success rate (%)")
+    axes[0].legend(frameon=False, fontsize=8)
+    fig.suptitle("offline-RL algorithms with and without KALM's imagined rollouts (95 % CI)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def hallucination_table(inputs: ReportInputs) -> str:
@@ -230,9 +294,17 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
             curves[f"{METHOD_LABELS[method]} seed {seed}"] = read_curve(stages / name / "policy" / "curve.csv")
     imagined = dict(names["imagine"])
     without_llm = dict(names.get("imagine-no-llm") or [])
+    compared = names.get("algorithms") or {}
+    algorithms = {}
+    if len(compared) > 1:
+        for algo, stage_names in compared.items():
+            files = {row: [stages / n / "results.json" for n in stage_names[row]] for row in ("baseline", "kalm")}
+            algorithms[algo] = {"baseline": level_results(files["baseline"]), "KALM": level_results(files["kalm"]),
+                                "KALM − baseline": paired_differences(files["kalm"], files["baseline"])}
     used = [names["collect"], *([names["hindsight"]] if names.get("hindsight") else []), names["ground"],
             *imagined.values(), *without_llm.values(), *([names["dynamics-mlp"]] if names.get("dynamics-mlp") else []),
             *(n for m in methods for n in names["train"][m]), *(n for m in methods for n in names["evaluate"][m]),
+            *{n for rows in compared.values() for stage_names in rows.values() for n in stage_names},
             names["llm-policy"], names["showcase"]]
     showcase_dir = stages / names["showcase"]
     showcases = [Showcase(row["instruction"], showcase_dir / row["gif"], row["real_success"], row["imagined_success"])
@@ -251,7 +323,17 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
         timings=_stage_times(record(name) for name in sorted(used)),
         showcases=showcases,
         notes=_notes(manifest, run_dir),
+        algorithms=algorithms,
+        acting={algo: _acting_label(how) for algo, how in (manifest.get("acting") or {}).items()},
     )
+
+
+def _acting_label(how: Mapping[str, float]) -> str:
+    if how.get("temperature"):
+        return f"sampled, T = {how['temperature']:g}"
+    if how.get("epsilon"):
+        return f"greedy, ε = {how['epsilon']:g}"
+    return "greedy"
 
 
 # What each policy row is, in the words the report uses.
@@ -296,6 +378,8 @@ def render_report(out_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
     files = out / "report_files"
     files.mkdir(parents=True, exist_ok=True)
     _bar_plot(inputs, files / "success.png")
+    if inputs.algorithms:
+        _algorithm_plot(inputs, files / "algorithms.png")
     has_curves = _curve_plot(inputs, files / "curves.png")
     gifs = []
     for i, show in enumerate(inputs.showcases):
@@ -313,6 +397,16 @@ def _markdown(inputs: ReportInputs, has_curves: bool, gifs: Sequence[tuple[str, 
           "is the difference in percentage points over the episodes both policies ran (the same instructions "
           "and starts for the same seed), with a 95 % interval on the per-episode differences.", "",
           success_table(inputs), "", "![success](report_files/success.png)", ""]
+    if inputs.algorithms:
+        best = best_with_kalm(inputs)
+        md += ["## Offline-RL algorithms with and without KALM", "",
+               "Each algorithm trained on the real data alone (baseline) and on real + the same imagined files "
+               "(KALM), with the same seeds, evaluated on the same episodes. BCQ is discrete BCQ, d3rlpy's "
+               "policy-constrained Q-learner for discrete actions, standing in for AWAC and IQL (d3rlpy has "
+               "them for continuous actions only).", "", algorithm_table(inputs), "",
+               "Best algorithm + KALM per level: " + "; ".join(
+                   f"{level} {ALGO_LABELS.get(algo, algo)} ({_pct(r.mean)} %)" for level, (algo, r) in best.items())
+               + ".", "", "![algorithms](report_files/algorithms.png)", ""]
     if inputs.grounding:
         md += ["## Grounding", "", grounding_table(inputs.grounding), ""]
     if inputs.hallucination:

@@ -133,3 +133,113 @@ def test_a_tampered_model_file_is_refused(expert_file, tmp_path):
     (tmp_path / "p" / "model.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="weights-only"):
         LanguagePolicy(tmp_path / "p")
+
+
+DISCRETE_ALGOS = ("bc", "cql", "bcq", "dt")
+
+
+@pytest.fixture(scope="module")
+def trained(expert_file, tmp_path_factory):
+    """One short run of every discrete algorithm on the same data."""
+    root = tmp_path_factory.mktemp("algos")
+    for algo in DISCRETE_ALGOS:
+        train(expert_file, root / algo, TrainConfig(algo=algo, steps=30, checkpoint_every=10), progress=False)
+    return root
+
+
+@pytest.mark.parametrize("algo", DISCRETE_ALGOS)
+def test_every_algorithm_round_trips_its_policy_directory(trained, algo):
+    from kalm.offline.policy_files import create_algo, load_weights
+
+    policy = LanguagePolicy(trained / algo)
+    rebuilt = create_algo(trained / algo / "algo.json")
+    load_weights(rebuilt, trained / algo / "checkpoint" / "model-000000030.pt")  # the last checkpoint, same step
+    states = np.random.default_rng(0).uniform(-1, 1, size=(6, SPEC.state_dim)).astype(np.float32)
+    embedding = policy.embed("Push the red ball behind the blue ball")
+    if policy.is_sequence_model:
+        def actions(p):
+            act = p.episode_actor(embedding, SPEC.training_tasks()[0], states[0])
+            return [act(s) for s in states]
+        twin = LanguagePolicy(trained / algo)
+        twin.algo = rebuilt
+        assert actions(policy) == actions(twin)
+    else:
+        x = np.concatenate([states, np.broadcast_to(embedding, (6, len(embedding)))], 1)
+        assert np.array_equal(policy.act_batch(states, np.broadcast_to(embedding, (6, len(embedding)))),
+                              rebuilt.predict(x))
+
+
+@pytest.mark.parametrize(("owner", "intruder"), [("bc", "cql"), ("cql", "bcq"), ("bcq", "dt"), ("dt", "bc")])
+def test_a_policy_refuses_the_weights_or_config_of_another_algorithm(trained, tmp_path, owner, intruder):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(trained / owner, mixed)
+    shutil.copy(trained / intruder / "model.pt", mixed / "model.pt")
+    with pytest.raises(ValueError, match="networks of another algorithm"):
+        LanguagePolicy(mixed)
+    shutil.copy(trained / owner / "model.pt", mixed / "model.pt")
+    shutil.copy(trained / intruder / "algo.json", mixed / "algo.json")
+    with pytest.raises(ValueError, match="files of two runs are mixed"):
+        LanguagePolicy(mixed)
+
+
+def test_the_decision_transformer_learns_and_acts_in_the_env(expert_file, tmp_path):
+    result = train(expert_file, tmp_path / "dt", TrainConfig(algo="dt", steps=200, checkpoint_every=100),
+                   progress=False)
+    losses = [row["loss"] for row in read_curve(tmp_path / "dt" / "curve.csv")]
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20])
+    stored = json.loads((tmp_path / "dt" / "config.json").read_text())
+    assert stored["target_return"] == 1.0  # sparse reward: the best real episode succeeded
+    policy = TrainedPolicy(tmp_path / "dt", temperature=1.0)
+    with pytest.raises(ValueError, match="sequence model"):
+        policy.policy.act(np.zeros(SPEC.state_dim, np.float32), policy.policy.embed("Push the red ball left"))
+    levels = {"seen": SPEC.levels["seen"](0)}
+    outcome = evaluate(policy, SPEC, levels, episodes=8, seed=5, progress=False)["levels"]["seen"]
+    assert outcome["episodes"] == 8 and result.steps == 200
+
+
+@pytest.mark.parametrize("algo", ["bc", "dt"])
+def test_sampled_evaluation_is_seeded_and_reproducible(trained, algo):
+    levels = {"seen": SPEC.levels["seen"](0)}
+
+    def outcomes(seed):
+        run = evaluate(TrainedPolicy(trained / algo, temperature=3.0), SPEC, levels, episodes=6, seed=seed,
+                       progress=False)
+        return [(r["success"], r["steps"]) for r in run["results"]]
+
+    assert outcomes(11) == outcomes(11)
+
+
+@pytest.mark.parametrize("algo", ["cql", "bcq"])
+def test_q_learners_refuse_to_sample_but_act_epsilon_greedily(trained, algo):
+    with pytest.raises(ValueError, match="only acts greedily"):
+        TrainedPolicy(trained / algo, temperature=1.0)
+    policy = TrainedPolicy(trained / algo, epsilon=0.1)
+    run = evaluate(policy, SPEC, {"seen": SPEC.levels["seen"](0)}, episodes=4, seed=2, progress=False)
+    assert run["levels"]["seen"]["episodes"] == 4 and policy.name.endswith("@eps0.1")
+
+
+def test_a_resumed_decision_transformer_ends_where_an_uninterrupted_one_does(expert_file, tmp_path):
+    config = TrainConfig(algo="dt", steps=20, checkpoint_every=10, seed=3)
+    train(expert_file, tmp_path / "whole", config, progress=False)
+    train(expert_file, tmp_path / "cut", config, progress=False, stop_after=10)
+    train(expert_file, tmp_path / "cut", config, progress=False, resume=True)
+    whole, cut = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    for module in whole:
+        for name, tensor in whole[module].items():
+            if isinstance(tensor, torch.Tensor):
+                assert torch.equal(tensor, cut[module][name]), (module, name)
+
+
+def test_paper_hyperparameters_fill_table_3():
+    cql = TrainConfig(algo="cql", hyperparameters="paper").for_action_space(True)
+    assert (cql.batch_size, cql.learning_rate, cql.target_update_interval) == (32, 6.25e-5, 8000)
+    td3 = TrainConfig(algo="td3plusbc", hyperparameters="paper").for_action_space(False)
+    assert (td3.batch_size, td3.learning_rate, td3.td3_alpha) == (256, 3e-4, 0.5)
+    awac = TrainConfig(algo="awac", hyperparameters="paper").for_action_space(False)
+    assert (awac.batch_size, awac.awac_lambda) == (1024, 1.0)
+    with pytest.raises(ValueError, match="not available for discrete"):
+        TrainConfig(algo="awac").for_action_space(True)
+    with pytest.raises(ValueError, match="hyperparameters"):
+        TrainConfig(hyperparameters="iclr")

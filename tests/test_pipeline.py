@@ -16,6 +16,7 @@ from kalm.data.hindsight import HindsightConfig
 from kalm.evaluation.stats import paired_differences
 from kalm.pipeline import PRESETS, LevelPlan, check_config, load_config, run_pipeline
 from kalm.pipeline.cache import StageCache
+from kalm.pipeline.experiment import acting_for
 from kalm.pipeline.stages import ground_stage
 
 
@@ -28,7 +29,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     import kalm.pipeline.stages
 
     tiny = PRESETS["clevr-tiny"]()
-    config = replace(tiny, llm=tiny_llm, seeds=(0, 1),
+    config = replace(tiny, llm=tiny_llm, seeds=(0, 1), algos=("bcq", "dt"),
                      levels={**tiny.levels, "rephrase": LevelPlan(max_steps=2), "easy": LevelPlan(temperature=1.0)},
                      hindsight=HindsightConfig(episodes=20, expert_share=0.0, chunk_size=10),
                      grounding=replace(tiny.grounding, hindsight_share=0.25))
@@ -40,6 +41,13 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     for level in ("seen", "rephrase", "easy", "hard"):
         assert f"| {level} |" in text
     assert (tmp_path / "report.html").exists() and (tmp_path / "report_files" / "success.png").exists()
+    # the algorithm table: each algorithm with and without the same imagined files
+    table = text.split("## Offline-RL algorithms with and without KALM")[1].split("##")[0]
+    for algo, acting in (("BC", "sampled, T = 3"), ("BCQ", "greedy, ε = 0.1"), ("Decision Transformer", "sampled")):
+        for row in ("baseline", "KALM", "KALM − baseline (paired)"):
+            assert any(line.startswith(f"| {algo} | {acting}") and f" | {row} | " in line for line in table.splitlines())
+    assert "Best algorithm + KALM per level: seen " in table
+    assert (tmp_path / "report_files" / "algorithms.png").exists()
     stages = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "stages").iterdir() if not p.name.startswith("."))
     assert "collect" in stages and "ground" in stages and "imagine-hard" in stages and "showcase" in stages
     assert "hindsight" in stages
@@ -95,7 +103,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     # the ablation imagines with the baseline's first policy, so its rollouts follow it
     assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "evaluate-no-llm",
                                      "imagine-no-llm-", "showcase")) for n in new)
-    assert sum(n.startswith(("train-", "evaluate-")) for n in new) == 12
+    assert sum(n.startswith(("train-", "evaluate-")) for n in new) == 12 + 16  # + BCQ and DT, with and without
     assert sum(n.startswith("imagine-no-llm-") for n in new) == len(config.levels)
 
 
@@ -145,14 +153,25 @@ def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
         check_config(replace(config, hindsight=HindsightConfig(episodes=0)))
     with pytest.raises(ValueError, match=r"'hindsight'.*expert_share"):
         check_config(replace(config, hindsight=HindsightConfig(episodes=5, expert_share=2.0)))
-    # sampled evaluation needs an action distribution: refused for CQL before any work, greedy accepted
+    # policies with an action distribution sample; Q-learners act epsilon-greedily
     cql = load_config(str(good))
     cql = replace(cql, train=replace(cql.train, algo="cql"))
-    with pytest.raises(ValueError, match=r"'eval_temperature'.*discrete BC.*not cql"):
-        check_config(cql)
-    assert check_config(replace(cql, eval_temperature=0.0)).name == "clevr"
+    spec = check_config(cql)
+    assert acting_for(cql, spec) == {"temperature": 0.0, "epsilon": 0.1}
+    assert acting_for(cql, spec, "dt") == acting_for(config, spec) == {"temperature": 3.0}
+    assert acting_for(replace(cql, eval_epsilon=0.0), spec) == {"temperature": 0.0}
     with pytest.raises(ValueError, match=r"'eval_temperature'.*>= 0"):
         check_config(replace(config, eval_temperature=-1.0))
+    with pytest.raises(ValueError, match=r"'eval_epsilon'"):
+        check_config(replace(config, eval_epsilon=1.5))
+    with pytest.raises(ValueError, match=r"'algos'.*'td3plusbc' is not available for clevr"):
+        check_config(replace(config, algos=("td3plusbc",)))
+    with pytest.raises(ValueError, match=r"'algos': each algorithm once"):
+        check_config(replace(config, algos=("cql", "bc")))
+    # the paper's Table 3 preset: its batch sizes and learning rates, 1:1 pooled mixing
+    paper = load_config("clevr-paper-hparams")
+    assert paper.train.hyperparameters == "paper" and paper.train.imaginary_ratio == 0.5
+    assert paper.algos == load_config("clevr-algos").algos == ("cql", "bcq", "dt")
 
 
 def _check_adopting_a_grounded_model(config, grounded, out):

@@ -50,9 +50,9 @@ class TrainedPolicy:
     against a wall) sees the same state again and repeats it until the horizon. Two
     ways out: an ``epsilon`` share of uniformly random actions (as in d3rlpy's and
     DQN's Atari evaluations), or ``temperature`` > 0, which draws every action from the
-    policy's own distribution (its logits divided by the temperature; discrete BC), so
-    a repeated state need not give a repeated action. Both draw from the episode's
-    seeded generator, and reports name the setting used.
+    policy's own distribution (its logits divided by the temperature; discrete BC and
+    Decision Transformer), so a repeated state need not give a repeated action. Both
+    draw from the episode's seeded generator, and reports name the setting used.
     """
 
     def __init__(self, policy_dir: str | Path, embedding_cache: str | Path | None = None, epsilon: float = 0.0,
@@ -62,11 +62,11 @@ class TrainedPolicy:
         if not temperature >= 0.0:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
         self.policy = LanguagePolicy(policy_dir, embedding_cache)
+        if temperature > 0 and not self.policy.samples:  # refused before any episode runs
+            raise ValueError(f"{self.policy.name}: sampling actions needs a policy with a discrete action "
+                             "distribution (discrete BC or Decision Transformer); this one only acts greedily "
+                             "(use temperature 0, or epsilon for random actions)")
         self.epsilon, self.temperature = epsilon, temperature
-        if temperature > 0:  # refuse a learner without an action distribution before any episode
-            dim = self.policy.config["observation_dim"] - self.policy.config["state_dim"]
-            self.policy.action_probabilities(np.zeros((1, self.policy.config["state_dim"])), np.zeros((1, dim)),
-                                             temperature)
         suffix = (f"@eps{epsilon:g}" if epsilon else "") + (f"@T{temperature:g}" if temperature else "")
         self.name = self.policy.name + suffix
         self.env = self.policy.env
@@ -74,20 +74,20 @@ class TrainedPolicy:
 
     def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator) -> ActFn:
         embedding = self.policy.embed(instruction.text)
-        act = self._sampler(embedding, rng) if self.temperature > 0 else (
-            lambda obs: self.policy.act(obs, embedding))
+        act = self.policy.episode_actor(embedding, instruction.task, start, self.temperature, rng)
         if self.epsilon == 0:
             return act
         explore = self._random.begin(env, instruction, start, rng)
         epsilon = self.epsilon
-        return lambda obs: explore(obs) if rng.random() < epsilon else act(obs)
 
-    def _sampler(self, embedding: np.ndarray, rng: np.random.Generator) -> ActFn:
-        def act(obs: np.ndarray) -> int:
-            probs = self.policy.action_probabilities(np.asarray(obs)[None], embedding[None], self.temperature)[0]
-            return int(rng.choice(len(probs), p=probs / probs.sum()))
+        def act_or_explore(obs):
+            # a sequence model is shown every state, so its history keeps the episode's
+            # states and timesteps (it records its own choice where a random one was taken)
+            action = act(obs)
+            return explore(obs) if rng.random() < epsilon else action
 
-        return act
+        return act_or_explore if self.policy.is_sequence_model else (
+            lambda obs: explore(obs) if rng.random() < epsilon else act(obs))
 
 
 class RandomPolicy:

@@ -29,6 +29,12 @@ batch share from the others. Transitions are read out of the d3rlpy buffers once
 flat arrays (d3rlpy's own per-transition sampling costs a third of a training step)
 and sampled with a seeded NumPy generator whose state goes into checkpoints, so a
 resumed run draws the same batches it would have drawn.
+
+Sequence models (the Decision Transformer) learn from slices of episodes instead:
+:class:`TrajectorySampler` draws each slice's last step uniformly over the transitions
+of its source, exactly as d3rlpy's ``sample_trajectory`` does, with the same shares
+and the same seeded generator. Their episodes carry no padding step: a sequence model
+is trained to act in every state it is shown.
 """
 
 from __future__ import annotations
@@ -74,15 +80,16 @@ def stored_rewards(episode: Episode) -> np.ndarray:
 
 
 def to_d3rlpy_episode(
-    episode: Episode, embedding: np.ndarray, rewards: np.ndarray, discrete: bool
+    episode: Episode, embedding: np.ndarray, rewards: np.ndarray, discrete: bool, sequence: bool = False
 ) -> d3rlpy.dataset.Episode:
-    """One kalm episode as a d3rlpy episode with ``state ⊕ embedding`` observations."""
+    """One kalm episode as a d3rlpy episode with ``state ⊕ embedding`` observations
+    (``sequence``: the T states in which an action was taken, no padding step)."""
     states = np.asarray(episode.observations, dtype=np.float32)
     observations = np.concatenate([states, np.broadcast_to(embedding, (len(states), len(embedding)))], axis=1)
     actions = np.asarray(episode.actions)
     actions = actions.reshape(-1, 1).astype(np.int64) if discrete else actions.astype(np.float32)
     rewards = np.asarray(rewards, dtype=np.float32).reshape(-1, 1)
-    if episode.terminated:
+    if episode.terminated or sequence:
         observations = observations[:-1]
     else:
         actions = np.concatenate([actions, np.zeros_like(actions[:1])])
@@ -97,6 +104,7 @@ def build_replay_buffer(
     spec: EnvSpec,
     embed: Callable[[Sequence[str]], np.ndarray],
     reward_fn: RewardFn = stored_rewards,
+    sequence: bool = False,
 ) -> d3rlpy.dataset.ReplayBuffer:
     """A d3rlpy replay buffer of the dataset, with ``action_size`` taken from the spec.
 
@@ -109,7 +117,8 @@ def build_replay_buffer(
     instructions = sorted({ep.instruction for ep in dataset.episodes})
     vectors = dict(zip(instructions, embed(instructions)))
     episodes = [
-        to_d3rlpy_episode(ep, vectors[ep.instruction], reward_fn(ep), spec.discrete) for ep in dataset.episodes
+        to_d3rlpy_episode(ep, vectors[ep.instruction], reward_fn(ep), spec.discrete, sequence)
+        for ep in dataset.episodes
     ]
     action_space = d3rlpy.constants.ActionSpace.DISCRETE if spec.discrete else d3rlpy.constants.ActionSpace.CONTINUOUS
     first = episodes[0]
@@ -167,13 +176,37 @@ class TransitionTable:
         }
 
 
-class MixedSampler:
-    """Mini-batches with a fixed share of imaginary transitions (see module docstring).
+class _Shares:
+    """How many slots of every batch go to the real data and to each imaginary source.
 
-    ``imaginary`` is one table (pooled) or a sequence of tables whose share is split
-    evenly: each source gets ``n_imaginary // len(sources)`` slots of every batch and
-    the remainder goes to sources drawn at random, one slot each.
+    The imaginary share is ``round(imaginary_ratio * batch_size)``; with several
+    sources each gets ``n_imaginary // len(sources)`` slots and the remainder goes to
+    sources drawn at random, one slot each.
     """
+
+    def __init__(self, n_sources: int, batch_size: int, imaginary_ratio: float):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= imaginary_ratio <= 1.0:
+            raise ValueError(f"imaginary_ratio must be in [0, 1], got {imaginary_ratio}")
+        if not n_sources:
+            imaginary_ratio = 0.0
+        self.n_sources = n_sources
+        self.n_imaginary = round(imaginary_ratio * batch_size)
+        self.n_real = batch_size - self.n_imaginary
+
+    def imaginary_counts(self, rng: np.random.Generator) -> np.ndarray:
+        k = self.n_sources
+        counts = np.full(k, self.n_imaginary // k if k else 0)
+        if k and self.n_imaginary % k:  # never with one source, whose batches stay what they were
+            counts[rng.choice(k, size=self.n_imaginary % k, replace=False)] += 1
+        return counts
+
+
+class MixedSampler(_Shares):
+    """Mini-batches of transitions with a fixed share of imaginary ones (see the module
+    docstring). ``imaginary`` is one table (pooled) or a sequence of tables whose share
+    is split evenly."""
 
     def __init__(
         self,
@@ -182,27 +215,17 @@ class MixedSampler:
         batch_size: int,
         imaginary_ratio: float,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= imaginary_ratio <= 1.0:
-            raise ValueError(f"imaginary_ratio must be in [0, 1], got {imaginary_ratio}")
         sources = [imaginary] if isinstance(imaginary, TransitionTable) else list(imaginary or ())
-        if not sources:
-            imaginary_ratio = 0.0
+        super().__init__(len(sources), batch_size, imaginary_ratio)
         self.real = real
         self.sources = sources
-        self.n_imaginary = round(imaginary_ratio * batch_size)
-        self.n_real = batch_size - self.n_imaginary
 
     def sample(self, rng: np.random.Generator) -> d3rlpy.dataset.TransitionMiniBatch:
         parts = []
         if self.n_real:
             parts.append(self.real.take(rng.integers(len(self.real), size=self.n_real)))
         if self.n_imaginary:
-            k = len(self.sources)
-            counts = np.full(k, self.n_imaginary // k)
-            if self.n_imaginary % k:  # never with one source, whose batches stay what they were
-                counts[rng.choice(k, size=self.n_imaginary % k, replace=False)] += 1
+            counts = self.imaginary_counts(rng)
             parts.extend(t.take(rng.integers(len(t), size=int(c))) for t, c in zip(self.sources, counts) if c)
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return d3rlpy.dataset.TransitionMiniBatch(
@@ -215,3 +238,44 @@ class MixedSampler:
             intervals=np.ones_like(merged["terminals"]),
             transitions=[],
         )
+
+
+class EpisodeTable:
+    """The episodes of one source and every ``(episode, step)`` a slice can end at."""
+
+    def __init__(self, episodes: Sequence[d3rlpy.dataset.Episode]):
+        self.episodes = list(episodes)
+        ends = [(i, t) for i, ep in enumerate(self.episodes) for t in range(ep.size())]
+        if not ends:
+            raise ValueError("the dataset holds no transitions")
+        self.ends = np.array(ends, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @property
+    def observations(self) -> np.ndarray:
+        return np.concatenate([ep.observations for ep in self.episodes]).astype(np.float32)
+
+
+class TrajectorySampler(_Shares):
+    """Mini-batches of ``context``-step episode slices for sequence models, with the
+    same real/imaginary shares as :class:`MixedSampler`."""
+
+    def __init__(self, real: EpisodeTable, imaginary: Sequence[EpisodeTable], batch_size: int,
+                 imaginary_ratio: float, context: int):
+        super().__init__(len(imaginary), batch_size, imaginary_ratio)
+        self.real, self.sources, self.context = real, list(imaginary), context
+        self._slice = d3rlpy.dataset.BasicTrajectorySlicer()
+
+    def _slices(self, table: EpisodeTable, n: int, rng: np.random.Generator) -> list:
+        picked = table.ends[rng.integers(len(table), size=n)]
+        return [self._slice(table.episodes[i], int(t), self.context) for i, t in picked]
+
+    def sample(self, rng: np.random.Generator) -> d3rlpy.dataset.TrajectoryMiniBatch:
+        slices = self._slices(self.real, self.n_real, rng) if self.n_real else []
+        if self.n_imaginary:
+            for table, count in zip(self.sources, self.imaginary_counts(rng)):
+                if count:
+                    slices += self._slices(table, int(count), rng)
+        return d3rlpy.dataset.TrajectoryMiniBatch.from_partial_trajectories(slices)

@@ -8,8 +8,9 @@ from typing import Any
 
 from kalm.offline.encoder import DEFAULT_ENCODER
 
-ALGOS = ("bc", "cql", "td3plusbc", "iql")
+ALGOS = ("bc", "cql", "bcq", "iql", "awac", "td3plusbc", "dt")
 IMAGINARY_MIXES = ("pooled", "per_source")
+HYPERPARAMETERS = ("kalm", "paper")
 
 # (algo, discrete) -> (batch size, learning rate). KALM's Table 3 / reference §7 values,
 # except discrete CQL: the reference's batch 32, lr 6.25e-5 is tuned for 500k steps and
@@ -20,11 +21,31 @@ IMAGINARY_MIXES = ("pooled", "per_source")
 _DEFAULTS: dict[tuple[str, bool], tuple[int, float]] = {
     ("bc", True): (100, 1e-3),
     ("cql", True): (100, 1e-3),
+    ("bcq", True): (100, 1e-3),
+    ("dt", True): (32, 3e-4),
     ("bc", False): (100, 1e-3),
     ("cql", False): (256, 1e-4),
     ("td3plusbc", False): (256, 3e-4),
     ("iql", False): (256, 3e-4),
+    ("awac", False): (1024, 3e-4),
+    ("dt", False): (32, 3e-4),
 }
+# Discrete BCQ (Fujimoto et al. 2019) stands in for AWAC and IQL on discrete actions,
+# which d3rlpy implements for continuous actions only: like them it learns Q-values but
+# keeps the policy near the data's actions (it acts greedily on Q among the actions its
+# behaviour model gives at least ``bcq_threshold`` of the likeliest one's probability).
+
+# KALM's Table 3 (reference §7): (batch, lr) per algorithm under ``hyperparameters="paper"``;
+# algorithms the paper did not run keep ours.
+_PAPER: dict[tuple[str, bool], tuple[int, float]] = {
+    ("bc", True): (100, 1e-3),
+    ("cql", True): (32, 6.25e-5),
+    ("bc", False): (100, 1e-3),
+    ("cql", False): (256, 1e-4),
+    ("td3plusbc", False): (256, 3e-4),
+    ("awac", False): (1024, 3e-4),
+}
+PAPER_STEPS = 500_000
 
 
 @dataclass(frozen=True)
@@ -32,7 +53,9 @@ class TrainConfig:
     """Everything that decides what a training run computes.
 
     Attributes:
-        algo: ``bc``, ``cql``, ``td3plusbc`` or ``iql``.
+        algo: ``bc``, ``cql`` and ``dt`` (d3rlpy's Decision Transformer) for either
+            action space; ``bcq`` for discrete actions; ``iql``, ``awac`` and
+            ``td3plusbc`` for continuous ones (see :mod:`kalm.offline.algos`).
         steps: gradient steps in total (a resumed run ends at the same count).
         seed: seeds the network initialisation and the batch sampler.
         batch_size / learning_rate: ``None`` takes the algorithm's reference value.
@@ -71,6 +94,20 @@ class TrainConfig:
             49% with it, 43% without (overlapping intervals; kept because it costs
             nothing and puts state and language on one scale).
         checkpoint_every: steps between checkpoints (and flushes of the loss curve).
+        awac_lambda: AWAC's advantage temperature (the paper's Table 3: 1).
+        bcq_threshold: discrete BCQ's action filter (d3rlpy's default 0.3).
+        dt_context: the Decision Transformer's context, in steps. CLEVR-Robot's expert
+            needs about three pushes, so 5 steps of history cover its episodes.
+        dt_width / dt_layers / dt_heads: its width (also its state encoder's), depth and
+            attention heads. On one CPU core a step of d3rlpy's discrete default (6
+            layers, 8 heads, 128 wide) or of 3 layers 256 wide over 10 steps took
+            0.4 s; at this size and batch 32 it takes 0.03 s.
+        hyperparameters: ``kalm`` fills an unset batch size and learning rate with the
+            values measured here; ``paper`` with KALM's Table 3, whose algorithm
+            constants (discrete CQL's target refresh 8000, TD3+BC's alpha 0.5, AWAC's
+            lambda 1) then replace this config's. The paper's 1:1 mixing is
+            ``imaginary_ratio=0.5, imaginary_mix="pooled"``; its 500,000 steps are
+            :data:`PAPER_STEPS`.
         discrete: filled in by :meth:`for_action_space` from the env spec (the stored
             config records which family of algorithm ran).
     """
@@ -92,12 +129,23 @@ class TrainConfig:
     bc_beta: float = 0.0
     standardize: bool = True
     checkpoint_every: int = 1000
+    awac_lambda: float = 1.0
+    bcq_threshold: float = 0.3
+    dt_context: int = 5
+    dt_width: int = 128
+    dt_layers: int = 2
+    dt_heads: int = 4
+    hyperparameters: str = "kalm"
     discrete: bool | None = None
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algorithm {self.algo!r} (expected one of {', '.join(ALGOS)})")
-        for name in ("steps", "checkpoint_every", "target_update_interval"):
+        if self.hyperparameters not in HYPERPARAMETERS:
+            raise ValueError(f"hyperparameters must be one of {', '.join(HYPERPARAMETERS)}, "
+                             f"got {self.hyperparameters!r}")
+        for name in ("steps", "checkpoint_every", "target_update_interval", "dt_context", "dt_width", "dt_layers",
+                     "dt_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -122,16 +170,21 @@ class TrainConfig:
         key = (self.algo, discrete)
         if key not in _DEFAULTS:
             kind = "discrete" if discrete else "continuous"
-            available = sorted(a for a, d in _DEFAULTS if d == discrete)
             raise ValueError(f"algorithm {self.algo!r} is not available for {kind} actions "
-                             f"(use {', '.join(available)})")
-        batch, lr = _DEFAULTS[key]
+                             f"(use {', '.join(algos_for(discrete))})")
+        config = self._with_paper_values() if self.hyperparameters == "paper" else self
+        batch, lr = (_PAPER if self.hyperparameters == "paper" and key in _PAPER else _DEFAULTS)[key]
         return dataclasses.replace(
-            self,
+            config,
             discrete=discrete,
             batch_size=self.batch_size if self.batch_size is not None else batch,
             learning_rate=self.learning_rate if self.learning_rate is not None else lr,
         )
+
+    def _with_paper_values(self) -> TrainConfig:
+        """Table 3's algorithm constants (they replace this config's: that is what
+        choosing the paper's hyper-parameters means)."""
+        return dataclasses.replace(self, target_update_interval=8000, td3_alpha=0.5, awac_lambda=1.0)
 
     def resolved_batch_size(self) -> int:
         if self.batch_size is None:
@@ -155,3 +208,16 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"training config: unknown field {unknown[0]!r}")
         return cls(**data)
+
+
+def algos_for(discrete: bool) -> tuple[str, ...]:
+    """The algorithms available for a discrete or a continuous action space, in
+    :data:`ALGOS` order."""
+    return tuple(a for a in ALGOS if (a, discrete) in _DEFAULTS)
+
+
+def has_action_distribution(algo: str, discrete: bool) -> bool:
+    """Whether a trained ``algo`` acts by a distribution over actions that can be
+    sampled (discrete BC's categorical policy, the discrete Decision Transformer's
+    action logits), rather than by an argmax over Q-values or a deterministic actor."""
+    return discrete and algo in ("bc", "dt")

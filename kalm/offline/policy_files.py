@@ -78,9 +78,10 @@ def load_weights(algo: d3rlpy.base.LearnableBase, path: str | Path) -> None:
     if not isinstance(states, dict):
         raise ValueError(f"{path} is not a dict of module states (got {type(states).__name__})")
     modules = impl.modules.create_checkpointer(CPU).modules
-    missing = sorted(set(modules) - set(states))
-    if missing:
-        raise ValueError(f"{path} lacks the state of {missing[0]!r} (it belongs to another algorithm)")
+    if set(modules) != set(states):
+        # each d3rlpy learner has its own set of networks and optimisers
+        raise ValueError(f"{path} holds the networks of another algorithm ({', '.join(sorted(states))}), "
+                         f"not of {algo.config.get_type()} ({', '.join(sorted(modules))})")
     for name, module in modules.items():
         try:
             module.load_state_dict(states[name])

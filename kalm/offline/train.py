@@ -35,9 +35,11 @@ from kalm.data.episodes import EpisodeDataset, load_episodes
 from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
 from kalm.files import make_dirs, read_curve, read_json, write_curve, write_json_atomic
-from kalm.offline.algos import build_algo_config
+from kalm.offline.algos import SEQUENCE_ALGOS, build_algo_config
 from kalm.offline.buffers import (
+    EpisodeTable,
     MixedSampler,
+    TrajectorySampler,
     TransitionTable,
     build_replay_buffer,
     relabel_rewards,
@@ -107,7 +109,7 @@ def train(
     rng = np.random.default_rng(config.seed)
     done = _restore_checkpoint(out, state, algo, rng)
     description.update(
-        observation_dim=int(batches.real.observations.shape[1]),
+        observation_dim=int(batches.observation_shape[0]),
         state_dim=spec.state_dim,
         embedding_dim=batches.embedding_dim,
         action_size=spec.action_dim,
@@ -118,6 +120,9 @@ def train(
         completed_steps=done.step,
         train_seconds=done.seconds,
     )
+    if isinstance(batches.real, EpisodeTable):
+        # what a sequence model is asked for when it acts: the best return in the real data
+        description["target_return"] = max(float(np.sum(ep.rewards)) for ep in batches.real.episodes)
     write_json_atomic(out / CONFIG_FILE, description)
 
     last_step = config.steps if stop_after is None else min(config.steps, stop_after)
@@ -181,11 +186,12 @@ def _run_description(config: TrainConfig, spec: EnvSpec, data: Sequence[Path], i
 
 @dataclasses.dataclass(frozen=True)
 class _Batches:
-    """The transition tables a run learns from and the sampler that mixes them."""
+    """The tables a run learns from (transitions, or episodes for a sequence model)
+    and the sampler that mixes them."""
 
-    real: TransitionTable
-    imaginary: list[TransitionTable]
-    sampler: MixedSampler
+    real: TransitionTable | EpisodeTable
+    imaginary: list[TransitionTable] | list[EpisodeTable]
+    sampler: MixedSampler | TrajectorySampler
     observation_shape: Sequence[int]
     embedding_dim: int
 
@@ -195,15 +201,18 @@ def _build_batches(inputs: _Inputs, config: TrainConfig, embedding_cache: str | 
     spec = inputs.spec
     encoder = shared_encoder(config.encoder, embedding_cache)
     reward_fn = stored_rewards if config.reward == "stored" else relabel_rewards(spec, config.reward)
-    real_buffer = build_replay_buffer(inputs.real, spec, encoder.encode, reward_fn)
-    real_table = TransitionTable.from_replay_buffer(real_buffer)
+    sequence = config.algo in SEQUENCE_ALGOS
     fake_sets = inputs.imaginary
     sources = [_merge(fake_sets)] if fake_sets and config.imaginary_mix == "pooled" else fake_sets
-    fake_tables = [TransitionTable.from_replay_buffer(build_replay_buffer(d, spec, encoder.encode, reward_fn))
-                   for d in sources]
-    sampler = MixedSampler(real_table, fake_tables, config.resolved_batch_size(), config.imaginary_ratio)
-    observation_shape = real_buffer.dataset_info.observation_signature.shape[0]
-    return _Batches(real_table, fake_tables, sampler, observation_shape, encoder.dim)
+    buffers = [build_replay_buffer(d, spec, encoder.encode, reward_fn, sequence) for d in [inputs.real, *sources]]
+    observation_shape = buffers[0].dataset_info.observation_signature.shape[0]
+    if sequence:
+        real, *fake = [EpisodeTable(b.episodes) for b in buffers]
+        sampler = TrajectorySampler(real, fake, config.resolved_batch_size(), config.imaginary_ratio, config.dt_context)
+        return _Batches(real, fake, sampler, observation_shape, encoder.dim)
+    real, *fake = [TransitionTable.from_replay_buffer(b) for b in buffers]
+    sampler = MixedSampler(real, fake, config.resolved_batch_size(), config.imaginary_ratio)
+    return _Batches(real, fake, sampler, observation_shape, encoder.dim)
 
 
 def _build_algo(config: TrainConfig, spec: EnvSpec, batches: _Batches) -> d3rlpy.base.LearnableBase:
@@ -255,7 +264,7 @@ def _run_steps(
     out: Path,
     config: TrainConfig,
     algo: d3rlpy.base.LearnableBase,
-    sampler: MixedSampler,
+    sampler: MixedSampler | TrajectorySampler,
     rng: np.random.Generator,
     done: _Progress,
     last_step: int,

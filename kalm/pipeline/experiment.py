@@ -18,7 +18,7 @@ from kalm.envs import get_spec
 from kalm.envs.spec import EnvSpec
 from kalm.grounding.finetune import GroundingConfig
 from kalm.imagine.rollouts import ImagineConfig
-from kalm.offline.config import TrainConfig
+from kalm.offline.config import TrainConfig, algos_for, has_action_distribution
 
 NOVEL_LEVELS = ("rephrase", "easy", "hard")
 
@@ -111,6 +111,10 @@ class PipelineConfig:
     ``grounded_model``: a model directory written by ``kalm ground`` (for instance on a
     GPU machine); when set, the ground stage adopts it instead of training, and ``llm``
     and ``grounding`` are not used.
+    ``algos``: further offline-RL algorithms, each trained with and without the same
+    imagined files for every seed and evaluated on the same episodes as ``train.algo``
+    (:func:`train_config_for` gives each its own reference batch size and learning rate).
+    ``eval_temperature`` / ``eval_epsilon``: how trained policies act (:func:`acting_for`).
     """
 
     env: str = "clevr"
@@ -143,11 +147,37 @@ class PipelineConfig:
     # seen success was 58 % greedy and 64 / 69 / 78 / 82 / 85 / 87 / 83 % at 0.25 / 0.5 /
     # 1 / 1.5 / 2 / 3 / 5 (docs/results.md).
     eval_temperature: float = 3.0
+    # Policies without an action distribution (Q-learners: CQL, BCQ) cannot sample; on a
+    # discrete action space they take a uniformly random action this often instead (as
+    # in DQN's and d3rlpy's evaluations), which breaks the same loops.
+    eval_epsilon: float = 0.1
+    algos: tuple[str, ...] = ()
     llm_policy_episodes: int = 48
     showcases: int = 3
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
+
+def train_config_for(config: PipelineConfig, algo: str | None = None) -> TrainConfig:
+    """The training settings of ``algo`` (``None``: ``config.train.algo``) in this
+    experiment: ``config.train`` itself, or for another algorithm the same steps, data
+    mixing and encoder with that algorithm's own batch size and learning rate."""
+    if algo is None or algo == config.train.algo:
+        return config.train
+    return replace(config.train, algo=algo, batch_size=None, learning_rate=None)
+
+
+def acting_for(config: PipelineConfig, spec: EnvSpec, algo: str | None = None) -> dict[str, float]:
+    """How a trained ``algo`` policy acts in evaluation, as ``TrainedPolicy`` keyword
+    arguments: sampling at ``eval_temperature`` where it has an action distribution;
+    otherwise greedily, with ``eval_epsilon`` random actions on a discrete action space."""
+    algo = algo or config.train.algo
+    if has_action_distribution(algo, spec.discrete):
+        return {"temperature": float(config.eval_temperature)}
+    if spec.discrete and config.eval_epsilon > 0:
+        return {"temperature": 0.0, "epsilon": float(config.eval_epsilon)}
+    return {"temperature": 0.0}
 
 
 def apply_overrides(base, overrides: Mapping[str, Any], where: str):
@@ -221,9 +251,18 @@ def check_config(config: PipelineConfig) -> EnvSpec:
     temperature = config.eval_temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"config field 'eval_temperature': expected a number >= 0 (0: greedy), got {temperature!r}")
-    if temperature > 0 and not (spec.discrete and config.train.algo == "bc"):
-        raise ValueError(f"config field 'eval_temperature': sampling actions needs a policy with an action "
-                         f"distribution (discrete BC), not {config.train.algo} on {spec.name}; set it to 0 (greedy)")
+    epsilon = config.eval_epsilon
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon <= 1:
+        raise ValueError(f"config field 'eval_epsilon': expected a number in [0, 1], got {epsilon!r}")
+    available = algos_for(spec.discrete)
+    for algo in (config.train.algo, *config.algos):
+        if algo not in available:
+            field_name = "train.algo" if algo == config.train.algo else "algos"
+            raise ValueError(f"config field {field_name!r}: {algo!r} is not available for {spec.name} "
+                             f"(use {', '.join(available)})")
+    if len(set(config.algos)) != len(config.algos) or config.train.algo in config.algos:
+        raise ValueError(f"config field 'algos': each algorithm once, and not train.algo ({config.train.algo}) "
+                         f"again, got {list(config.algos)}")
     for name in ("eval_episodes", "llm_policy_episodes", "showcases"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < (0 if name == "showcases" else 1):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kalm.files import write_json_atomic
 from kalm.pipeline.cache import RunLock, StageCache
-from kalm.pipeline.experiment import PipelineConfig, check_config
+from kalm.pipeline.experiment import PipelineConfig, acting_for, check_config
 from kalm.pipeline.stages import (
     GroundedModel,
     collect_stage,
@@ -55,7 +55,10 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             dynamics = dynamics_stage(cache, spec, config, real)
             trains_on["no-llm"] = [imagine_without_llm_stage(cache, spec, config, policy, dynamics, level)
                                    for level in config.levels]
-        policies = policy_stages(cache, config, real, trains_on)
+        plans = {method: (config.train.algo, extra) for method, extra in trains_on.items()}
+        for algo in config.algos:
+            plans |= {f"baseline-{algo}": (algo, []), f"kalm-{algo}": (algo, imagined)}
+        policies = policy_stages(cache, config, real, plans)
         llm_evaluation = llm_policy_stage(cache, spec, config, model)
         show = showcase_stage(cache, spec, config, policies[("kalm", config.seeds[0])][0], imagined)
 
@@ -69,6 +72,7 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             "seeds": list(config.seeds),
             "eval_episodes": config.eval_episodes,
             "eval_temperature": config.eval_temperature,
+            "acting": {algo: acting_for(config, spec, algo) for algo in (config.train.algo, *config.algos)},
             "llm_policy_episodes": config.llm_policy_episodes,
             "grounded_model": config.grounded_model,
             "stages": {
@@ -82,6 +86,10 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
                 "dynamics-mlp": dynamics.path.name if config.ablation.enabled else None,
                 "train": {method: names(method, 0) for method in trains_on},
                 "evaluate": {method: names(method, 1) for method in trains_on},
+                # algorithm -> its baseline's and its KALM policy's evaluation stages
+                "algorithms": {algo: {"baseline": names(f"baseline-{algo}" if algo in config.algos else "baseline", 1),
+                                      "kalm": names(f"kalm-{algo}" if algo in config.algos else "kalm", 1)}
+                               for algo in (config.train.algo, *config.algos)},
                 "llm-policy": llm_evaluation.path.name,
                 "showcase": show.path.name,
             },

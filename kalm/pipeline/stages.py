@@ -23,7 +23,7 @@ from kalm.evaluation.evaluate import evaluate, resolve_levels
 from kalm.evaluation.policies import TrainedPolicy
 from kalm.files import read_json
 from kalm.pipeline.cache import StageCache, StageOutput, directory_digest
-from kalm.pipeline.experiment import PipelineConfig
+from kalm.pipeline.experiment import PipelineConfig, acting_for, train_config_for
 from kalm.threads import free_cores, set_torch_threads
 
 # Settings that change how fast grounding runs, not what it produces: not in its key.
@@ -179,10 +179,12 @@ def imagine_without_llm_stage(cache: StageCache, spec: EnvSpec, config: Pipeline
 
 
 def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: int, real: StageOutput,
-                imagined: list[StageOutput], progress: bool = True) -> StageOutput:
+                imagined: list[StageOutput], progress: bool = True, algo: str | None = None) -> StageOutput:
+    """One policy of ``algo`` (default ``config.train.algo``) on the real data plus
+    ``imagined``; ``method`` names it (``baseline``, ``kalm``, ``baseline-cql``, ...)."""
     from kalm.offline.train import train
 
-    train_config = replace(config.train, seed=seed)
+    train_config = replace(train_config_for(config, algo), seed=seed)
 
     def build(work: Path):
         policy = work / "policy"
@@ -235,24 +237,26 @@ def llm_policy_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, m
 
 
 def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, real: StageOutput,
-               imagined: list[StageOutput], progress: bool = True) -> tuple[StageOutput, StageOutput]:
+               imagined: list[StageOutput], progress: bool = True,
+               algo: str | None = None) -> tuple[StageOutput, StageOutput]:
     """Train one offline-RL policy and evaluate it: ``(train stage, evaluation stage)``.
     Top-level so a worker process can run it; both stages are cached as usual."""
     cache, spec = StageCache(stages), get_spec(config.env)
-    stage = train_stage(cache, config, method, seed, real, imagined, progress)
-    temperature = config.eval_temperature
+    stage = train_stage(cache, config, method, seed, real, imagined, progress, algo)
+    acting = acting_for(config, spec, algo)
     evaluation = evaluate_stage(cache, spec, f"{method}-s{seed}",
-                                lambda: TrainedPolicy(stage.path / "policy", temperature=temperature),
-                                config.eval_episodes, plan_seed(config, seed), {"policy": stage.key},
-                                ["kalm.evaluation.policies"], progress, {"temperature": temperature})
+                                lambda: TrainedPolicy(stage.path / "policy", **acting), config.eval_episodes,
+                                plan_seed(config, seed), {"policy": stage.key}, ["kalm.evaluation.policies"], progress,
+                                acting)
     return stage, evaluation
 
 
 def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
-                  imagined: Mapping[str, list[StageOutput]]) -> dict[tuple[str, int], tuple[StageOutput, StageOutput]]:
+                  plans: Mapping[str, tuple[str, list[StageOutput]]],
+                  ) -> dict[tuple[str, int], tuple[StageOutput, StageOutput]]:
     """Every (method, seed) policy trained and evaluated: ``{(method, seed): (train, evaluation)}``.
-    ``imagined`` maps each method to the imagined stages it trains on besides the real
-    data (``[]`` for the baseline).
+    ``plans`` maps each method to its algorithm and the imagined stages it trains on
+    besides the real data (``[]`` for a baseline).
 
     Why processes: d3rlpy's networks are small, so a training run (and the simulator in
     evaluation) keeps one core busy and no more; with two cores idle, two policies
@@ -260,10 +264,10 @@ def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
     halves this part of the run. With one idle core they run here, in order, with their
     own progress bars.
     """
-    jobs = [(method, seed, extra) for seed in config.seeds for method, extra in imagined.items()]
+    jobs = [(method, seed, algo, extra) for seed in config.seeds for method, (algo, extra) in plans.items()]
     workers = min(len(jobs), free_cores())
     if workers < 2:
-        return {(m, s): policy_job(cache.root, config, m, s, real, extra) for m, s, extra in jobs}
+        return {(m, s): policy_job(cache.root, config, m, s, real, extra, algo=a) for m, s, a, extra in jobs}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -271,13 +275,13 @@ def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
 
     done = {}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(policy_job, cache.root, config, m, s, real, extra, False): (m, s)
-                   for m, s, extra in jobs}
+        futures = {pool.submit(policy_job, cache.root, config, m, s, real, extra, False, a): (m, s)
+                   for m, s, a, extra in jobs}
         with tqdm(total=len(jobs), desc=f"train + evaluate policies ({workers} at once)", unit="policy") as bar:
             for future in as_completed(futures):
                 done[futures[future]] = future.result()
                 bar.update()
-    return {(m, s): done[(m, s)] for m, s, _ in jobs}
+    return {(m, s): done[(m, s)] for m, s, _, _ in jobs}
 
 
 def showcase_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, policy: StageOutput,
@@ -293,10 +297,10 @@ def showcase_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, pol
         for path in files:
             kept = load_episodes(path, spec).episodes
             episodes += ([e for e in kept if e.terminated] or list(kept))[:per_file]
-        rows = write_showcase(spec, TrainedPolicy(policy.path / "policy", temperature=config.eval_temperature),
-                              episodes, work)
+        rows = write_showcase(spec, TrainedPolicy(policy.path / "policy", **acting), episodes, work)
         return {"rollouts": len(rows)}
 
-    return cache.run("showcase", {"n": config.showcases, "temperature": config.eval_temperature}, build,
+    acting = acting_for(config, spec)
+    return cache.run("showcase", {"n": config.showcases, **acting}, build,
                      {"policy": policy.key, **{s.name: s.key for s in imagined}},
                      code=["kalm.evaluation.showcase", "kalm.evaluation.policies"])
