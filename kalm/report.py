@@ -354,18 +354,22 @@ def _stage_times(records) -> dict[str, float]:
     return timings
 
 
-def _acting(temperature: float) -> str:
-    if not temperature:
-        return "Trained policies act greedily (the argmax action); the LLM policy too."
-    return (f"Trained policies draw each action from their own action distribution at temperature {temperature:g} "
-            "(every method alike); the LLM policy acts greedily.")
+def _acting(manifest: Mapping) -> str:
+    """How the run's trained policies act, per algorithm (runs before per-algorithm
+    acting recorded one temperature for all)."""
+    one_for_all = {manifest.get("algo", "bc"): {"temperature": manifest.get("eval_temperature", 0)}}
+    acting = manifest.get("acting") or one_for_all
+    ways = "; ".join(f"{ALGO_LABELS.get(algo, algo)} {_acting_label(how)}" for algo, how in acting.items())
+    return (f"How trained policies act, the same for every method's policy of an algorithm: {ways} (sampled: drawn "
+            "from the policy's own action distribution; ε: that share of random actions). The LLM policy acts "
+            "greedily.")
 
 
 def _notes(manifest: Mapping, run_dir: Path) -> list[str]:
     notes = [f"{len(manifest['seeds'])} seeds x {manifest['eval_episodes']} episodes per level for each policy (each "
              "seed its own episodes, the same for every method's policy of that seed); "
              f"the LLM policy: {manifest['llm_policy_episodes']} episodes per level.",
-             _acting(manifest.get("eval_temperature", 0.0)),
+             _acting(manifest),
              f"Resolved config: {run_dir / 'config.json'}"]
     if manifest.get("grounded_model"):
         notes.append(f"Grounding was not trained in this run: the model was adopted from {manifest['grounded_model']}.")

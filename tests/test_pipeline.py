@@ -48,6 +48,9 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
             assert any(line.startswith(f"| {algo} | {acting}") and f" | {row} | " in line for line in table.splitlines())
     assert "Best algorithm + KALM per level: seen " in table
     assert (tmp_path / "report_files" / "algorithms.png").exists()
+    times = text.split("## Stage times")[1].split("##")[0]
+    assert "| train-kalm-bcq |" in times and "| train-baseline-dt |" in times
+    assert "BCQ greedy, ε = 0.1" in text.split("## Notes")[1]
     stages = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "stages").iterdir() if not p.name.startswith("."))
     assert "collect" in stages and "ground" in stages and "imagine-hard" in stages and "showcase" in stages
     assert "hindsight" in stages

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from kalm.files import write_json_atomic
@@ -86,9 +87,9 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
                 "dynamics-mlp": dynamics.path.name if config.ablation.enabled else None,
                 "train": {method: names(method, 0) for method in trains_on},
                 "evaluate": {method: names(method, 1) for method in trains_on},
-                # algorithm -> its baseline's and its KALM policy's evaluation stages
-                "algorithms": {algo: {"baseline": names(f"baseline-{algo}" if algo in config.algos else "baseline", 1),
-                                      "kalm": names(f"kalm-{algo}" if algo in config.algos else "kalm", 1)}
+                # algorithm -> its baseline's and its KALM policy's evaluation stages, and
+                # the training stages of both
+                "algorithms": {algo: _algorithm_stages(names, algo, algo == config.train.algo)
                                for algo in (config.train.algo, *config.algos)},
                 "llm-policy": llm_evaluation.path.name,
                 "showcase": show.path.name,
@@ -96,3 +97,11 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
         }
         write_json_atomic(out / MANIFEST, manifest)
         return write_report(out)
+
+
+def _algorithm_stages(names: Callable[[str, int], list[str]], algo: str, main: bool) -> dict[str, list[str]]:
+    """The stages behind one algorithm's rows of the report: its baseline's and its KALM
+    policy's evaluations, and the training of both (for the stage times). The main
+    algorithm's methods are plain ``baseline`` and ``kalm``."""
+    baseline, kalm = ("baseline", "kalm") if main else (f"baseline-{algo}", f"kalm-{algo}")
+    return {"baseline": names(baseline, 1), "kalm": names(kalm, 1), "train": names(baseline, 0) + names(kalm, 0)}
