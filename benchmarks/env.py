@@ -1,5 +1,6 @@
-"""CLEVR-Robot: push-steps/s (single, sync and async vector envs), the scripted expert's
-success per task kind, and physics fidelity against the original recordings."""
+"""CLEVR-Robot: push-steps/s (single, sync and async vector envs), resets/s, the scripted
+expert's success per task kind, and physics fidelity against the original: its recorded
+toy data, its public from-rest pushes, and its free-push lengths."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import numpy as np
 
 from kalm.envs import get_spec
 from kalm.envs.clevr.env import CLEVRRobotEnv
-from kalm.envs.clevr.fidelity import replay_reference
+from kalm.envs.clevr.fidelity import free_push_lengths, replay_from_rest, replay_reference
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "clevr_robot_kalm_toy.npz"
+PUBLIC_PUSHES = REFERENCE.with_name("clevr_physics_public.npz")
 
 
 def push_rate(seconds: float = 3.0) -> float:
@@ -27,6 +29,16 @@ def push_rate(seconds: float = 3.0) -> float:
         n += 1
         if n % 50 == 0:
             env.reset()
+    return n / (time.perf_counter() - start)
+
+
+def reset_rate(seconds: float = 3.0) -> float:
+    """Resets/s on one core, each with a fresh seed (start sampling included)."""
+    env = CLEVRRobotEnv()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        env.reset(seed=n)
+        n += 1
     return n / (time.perf_counter() - start)
 
 
@@ -89,6 +101,7 @@ def metaworld_rate(seconds: float = 3.0) -> float | None:
 def run(quick: bool = False) -> str:
     lines = ["## Environment (CLEVR-Robot, one process)", "", "| measurement | value |", "|---|---|"]
     lines.append(f"| push-steps/s, single env | {push_rate(1.0 if quick else 3.0):,.0f} |")
+    lines.append(f"| resets/s, single env | {reset_rate(1.0 if quick else 3.0):,.0f} |")
     for mode in ("sync", "async"):
         lines.append(f"| push-steps/s, {mode} vector env x4 | {vector_rate(mode, steps=100 if quick else 300):,.0f} |")
     mw = metaworld_rate(1.0 if quick else 3.0)
@@ -99,6 +112,13 @@ def run(quick: bool = False) -> str:
     if REFERENCE.exists():
         lines += ["", "Physics fidelity (L2 error of the next 10-d state against the original):", ""]
         lines.append(replay_reference(REFERENCE).table())
+    if PUBLIC_PUSHES.exists():
+        rest = replay_from_rest(PUBLIC_PUSHES)
+        lines += ["", f"The original's public from-rest pushes ({rest['pushes']}; a perfect copy scores 0): median "
+                  f"{rest['median']:.4f}, p90 {rest['p90']:.4f}, {rest['exact']:.0%} within 1e-3.", "",
+                  "| free push | original | here | pushes |", "|---|---|---|---|"]
+        for kind, (original, ours, n) in free_push_lengths(PUBLIC_PUSHES).items():
+            lines.append(f"| {kind} | {original:.4f} | {ours:.4f} | {n} |")
     return "\n".join(lines)
 
 

@@ -183,6 +183,8 @@ def ground(
                                           "(default: GroundingConfig's, which are clevr-default's)."),
     steps: int = typer.Option(None, help="Optimizer steps (default: GroundingConfig.steps)."),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints, 0: none (default: GroundingConfig's)."),
+    micro_batches: int = typer.Option(None, help="Micro-batches per optimizer step over all processes (the global "
+                                                 "batch); under `accelerate launch` a multiple of the process count."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: the idle cores). Results depend on it in the "
                                            "last bits: give the same number to --resume to match an unbroken run."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
@@ -212,7 +214,7 @@ def ground(
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "num_threads": threads,
-                     "hindsight_share": hindsight_share}
+                     "hindsight_share": hindsight_share, "micro_batches": micro_batches}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         extra = load_episodes(hindsight, spec) if hindsight else None
         metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume, hindsight=extra)

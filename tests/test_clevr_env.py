@@ -37,6 +37,16 @@ def test_push_moves_the_pushed_ball_along_the_push_direction(env, direction):
     assert np.abs(others).max() < 1e-3  # nothing else was touched
 
 
+@pytest.mark.parametrize("direction", range(8))
+def test_a_free_push_travels_as_far_as_in_the_original(env, direction):
+    from kalm.envs.clevr.fidelity import ORIGINAL_FREE_PUSH
+
+    env.set_state(SPREAD)
+    env.push(8 * 0 + direction)
+    length = float(np.linalg.norm(env.get_state()[:2] - SPREAD[:2]))
+    assert length == pytest.approx(ORIGINAL_FREE_PUSH["axis" if direction < 4 else "diagonal"], abs=0.005)
+
+
 def test_push_can_knock_another_ball(env):
     state = SPREAD.copy()
     state[2:4] = (0.28, 0.2)  # blue just right of red, 0.02 apart
@@ -163,6 +173,20 @@ def test_physics_matches_the_original_recordings():
     report = replay_reference(reference)
     assert report.transitions > 800
     assert report.from_rest_median <= 0.03  # the original code itself replays at 0.0197
+    assert report.first_steps_median <= 0.015
+
+
+def test_physics_replays_the_original_public_pushes_from_rest():
+    from pathlib import Path
+
+    from kalm.envs.clevr.fidelity import free_push_lengths, replay_from_rest
+
+    reference = Path(__file__).resolve().parents[2] / "shared" / "reference" / "clevr_physics_public.npz"
+    if not reference.exists():
+        pytest.skip(f"reference pushes not found at {reference}")
+    assert replay_from_rest(reference)["median"] <= 0.008  # 0.0136 from the settled height
+    for kind, (original, ours, n) in free_push_lengths(reference).items():
+        assert n >= 20 and ours == pytest.approx(original, abs=0.005), kind
 
 
 def test_push_tasks_end_after_one_push_like_the_reference_judge(env):

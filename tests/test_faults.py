@@ -409,7 +409,9 @@ def _ground_with_kills(tmp_path: Path, data: Path, llm: Path, reference: Path, k
     assert_same_grounded_model(out / "model", reference / "model")
     for name in ("grounding_config.json", "split.json"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    assert sorted(p.name for p in out.iterdir()) == ["grounding_config.json", "metrics.json", "model", "split.json"]
+    assert (out / "loss_curve.csv").read_bytes() == (reference / "loss_curve.csv").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["grounding_config.json", "loss_curve.csv", "metrics.json", "model",
+                                                     "split.json"]
     return survived
 
 

@@ -168,8 +168,11 @@ class ExampleSampler:
         return examples
 
 
-def step_rng(seed: int, step: int, micro: int, process: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, micro, process])
+def step_rng(seed: int, step: int, micro: int) -> np.random.Generator:
+    """The generator of micro-batch ``micro`` of optimizer step ``step``: batches are a
+    function of their place in training, not of the process that runs them, so a run
+    resumes exactly and trains alike on any number of processes."""
+    return np.random.default_rng([seed, step, micro])
 
 
 def choose_task(weights: dict[str, float], rng: np.random.Generator) -> str:

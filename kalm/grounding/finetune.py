@@ -18,6 +18,12 @@ weights)::
 
 (the YAML points at ``configs/zero3.json``; edit ``num_processes`` to the GPU count).
 
+Data-parallel without DeepSpeed, on GPUs or on CPU cores (gloo), is accelerate's torchrun
+launcher: ``accelerate launch --multi_gpu --num_processes 2 -m kalm.cli ground ...``.
+Micro-batch ``i`` of a step's global batch (``micro_batches`` of them) runs on process
+``i % N`` with the examples step ``i`` draws in one process, so a run follows the same
+loss curve on any process count (tests/test_distributed.py) and resumes under another.
+
 Checkpoints (every ``checkpoint_every`` steps, the last ``keep_checkpoints`` kept; see
 :mod:`kalm.grounding.checkpoint`) hold the model, the optimizer, the scheduler and the
 RNG state. Batches are a function of the step number, so a killed run resumed with
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from kalm.files import json_safe, write_json_atomic
+from kalm.files import json_safe, read_curve, write_curve, write_json_atomic
 from kalm.grounding.backbone import EMBEDDED_MODELS, resolve_backbone
 from kalm.grounding.checkpoint import (
     latest_checkpoint,
@@ -60,6 +66,8 @@ from kalm.grounding.objective import GroundingObjective, cosine_with_warmup, mak
 from kalm.grounding.prompts import TASKS, collate
 from kalm.threads import set_torch_threads
 
+CURVE_FILE = "loss_curve.csv"  # step, mean loss of the step's global batch
+
 
 @dataclass(frozen=True)
 class GroundingConfig:
@@ -70,7 +78,10 @@ class GroundingConfig:
     steps: int = 400
     batch_tokens: int = 640  # padded tokens per micro-batch
     max_batch_size: int = 48
-    grad_accum: int = 1
+    # Micro-batches per optimizer step across all processes (the global batch): under
+    # `accelerate launch` with N processes each runs micro_batches / N of them, so one
+    # config trains the same way on any process count.
+    micro_batches: int = 1
     lr: float = 1e-3  # LoRA (or full) weights
     io_lr: float = 2e-3  # the new encoders and heads
     full_lr: float = 5e-5  # used instead of lr with finetune="full"
@@ -119,7 +130,7 @@ class GroundingConfig:
             raise ValueError(f"unknown grounding task {unknown[0]!r} (expected one of {', '.join(TASKS)})")
         if not 0.0 <= self.hindsight_share <= 1.0:
             raise ValueError(f"hindsight_share must be in [0, 1], got {self.hindsight_share}")
-        for name in ("steps", "batch_tokens", "max_batch_size", "grad_accum", "max_trajectory_steps"):
+        for name in ("steps", "batch_tokens", "max_batch_size", "micro_batches", "max_trajectory_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -139,6 +150,8 @@ class GroundingConfig:
         one object (flat ``lora_*`` fields) reads too."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        if "grad_accum" in data and "micro_batches" not in data:  # written by one process before the rename
+            values["micro_batches"] = data["grad_accum"]
         lora = dict(values.get("lora") or {k: data[f"lora_{k}"] for k in ("rank", "alpha", "dropout", "targets")
                                            if f"lora_{k}" in data})
         if "targets" in lora:
@@ -242,6 +255,7 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
     ``stop_after`` ends this session after that many steps with a checkpoint (a
     time-sliced run); ``resume=True`` continues it on the same schedule.
     """
+    from accelerate import PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
     config = config or GroundingConfig()
@@ -252,8 +266,13 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
         resolve_backbone(backbone)  # a bad --llm is named before anything else starts
     set_torch_threads(config.num_threads or None)
     precision = _precision(config)
+    processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    if config.micro_batches % processes:
+        raise ValueError(f"micro_batches ({config.micro_batches}) must be a multiple of the {processes} processes: "
+                         "each runs an equal share of every step's global batch")
     accelerator = make_accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                                   gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available(),
+                                   gradient_accumulation_steps=config.micro_batches // processes,
+                                   cpu=not torch.cuda.is_available(),
                                    kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     episodes = prepare_episodes(dataset, spec)
     if hindsight is None and config.hindsight_share > 0:
@@ -271,21 +290,24 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
     accelerator.print(f"grounding {spec.name} on {len(train_eps)} episodes ({len(val_eps)} held out), "
                       f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, "
                       f"steps {start.step}->{config.steps}")
-    loop = _TrainingLoop(accelerator, objective, optimizer, scheduler, sampler, config, out, split)
+    loop = _TrainingLoop(accelerator, objective, optimizer, scheduler, sampler, config, out, split,
+                         _curve_until(out, start.step))
     started = time.time()
     with _training_attention(model, config.train_attention, torch.cuda.is_available()) as attention:
         stopped = loop.run(start.step, stop_after, progress)
     if stopped is not None:
         return {"stopped_at": stopped, "checkpoint": str(latest_checkpoint(out))}
     train_seconds = time.time() - started
-    metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 3),
-                     "train_tokens": loop.tokens, "tokens_per_second": round(loop.tokens / max(train_seconds, 1e-9), 1),
+    tokens = int(accelerator.reduce(torch.tensor(loop.tokens, device=accelerator.device), "sum"))
+    metrics: dict = {"steps": config.steps, "train_seconds": round(train_seconds, 3), "processes": processes,
+                     "train_tokens": tokens, "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
                      "precision": precision, "train_attention": attention,
                      "torch_threads": torch.get_num_threads(), "resumed_from": start.step,
                      "train_episodes": len(train_eps), "validation_episodes": len(val_eps),
                      "hindsight_train_episodes": len(hindsight_train) if config.hindsight_share else 0,
                      "final_running_loss": loop.running}
-    return _finish(accelerator, objective, spec, (train_eps, val_eps, hindsight_val), config, out, split, metrics)
+    return _finish(accelerator, objective, spec, (train_eps, val_eps, hindsight_val), config, out, split, metrics,
+                   loop.curve)
 
 
 def _optimization(accelerator, start: _Start, config: GroundingConfig):
@@ -304,12 +326,13 @@ class _TrainingLoop:
     """The optimisation steps of one session, with periodic checkpoints."""
 
     def __init__(self, accelerator, objective, optimizer, scheduler, sampler: ExampleSampler,
-                 config: GroundingConfig, out: Path, split: dict):
+                 config: GroundingConfig, out: Path, split: dict, curve: list[dict]):
         self.accelerator, self.objective, self.optimizer, self.scheduler = accelerator, objective, optimizer, scheduler
         self.sampler, self.config, self.out, self.split = sampler, config, out, split
         self.model = accelerator.unwrap_model(objective).model
         self.running: dict[str, float] = {}
         self.tokens = 0  # non-padding tokens through the model in this process (for tokens/s)
+        self.curve = curve  # the global batch's mean loss per step (every process holds it)
 
     def run(self, first_step: int, stop_after: int | None, progress: bool) -> int | None:
         """Steps ``first_step``..``config.steps``; returns the step a time-sliced session
@@ -320,8 +343,13 @@ class _TrainingLoop:
         bar = tqdm(range(first_step, config.steps), initial=first_step, total=config.steps, desc="grounding",
                    disable=not (progress and accelerator.is_main_process))
         for step in bar:
-            for micro in range(config.grad_accum):
-                self._micro_step(step, micro)
+            local = config.micro_batches // accelerator.num_processes
+            # micro-batch i of the global batch runs on process i % N, so its examples
+            # do not depend on how many processes share the step
+            total = sum(self._micro_step(step, k * accelerator.num_processes + accelerator.process_index)
+                        for k in range(local))
+            total = accelerator.reduce(torch.tensor(total, dtype=torch.float64, device=accelerator.device), "sum")
+            self.curve.append({"step": step + 1, "loss": float(total) / config.micro_batches})
             bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in self.running.items()})
             done = step + 1
             stopping = stop_after is not None and done >= stop_after and done < config.steps
@@ -329,6 +357,7 @@ class _TrainingLoop:
             if periodic or stopping:
                 with full_weights(accelerator, self.objective):
                     if accelerator.is_main_process:
+                        write_curve(self.out / CURVE_FILE, self.curve)
                         save_training_checkpoint(self.out, done, self.model, self.optimizer, self.scheduler,
                                                  {"config": config.to_json(), "split": self.split},
                                                  config.keep_checkpoints)
@@ -339,16 +368,18 @@ class _TrainingLoop:
         bar.close()
         return None
 
-    def _micro_step(self, step: int, micro: int) -> None:
+    def _micro_step(self, step: int, micro: int) -> float:
+        """Forward and backward of micro-batch ``micro`` of the step's global batch; its loss."""
         config, accelerator = self.config, self.accelerator
-        rng = step_rng(config.seed, step, micro, accelerator.process_index)
+        rng = step_rng(config.seed, step, micro)
         task = choose_task(config.weights, rng)
         examples = self.sampler.batch(task, rng, config.batch_tokens, config.max_batch_size)
         batch = collate(examples, self.model.pad_token_id)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.tokens += int(batch["attention_mask"].sum())
-        # accumulate(): no gradient sync, no optimizer step and a loss divided by
-        # grad_accum until the last micro-batch (DeepSpeed counts the same way)
+        # accumulate(): no gradient sync, no optimizer step and a loss divided by this
+        # process's micro-batch count until its last one (DeepSpeed counts the same
+        # way); the gradient all-reduce then averages over processes
         with accelerator.accumulate(self.objective):
             with accelerator.autocast():
                 losses = self.objective(batch)
@@ -361,10 +392,11 @@ class _TrainingLoop:
                 self.optimizer.zero_grad(set_to_none=True)
         value = float(losses["total"].detach())
         self.running[task] = value if task not in self.running else 0.9 * self.running[task] + 0.1 * value
+        return value
 
 
 def _finish(accelerator, objective, spec, episodes: tuple[list, list, list], config: GroundingConfig, out: Path,
-            split: dict, metrics: dict) -> dict:
+            split: dict, metrics: dict, curve: list[dict]) -> dict:
     """Save the model, measure it on the held-out episodes, write the metrics and drop
     the checkpoints."""
     model = accelerator.unwrap_model(objective).model
@@ -389,9 +421,18 @@ def _finish(accelerator, objective, spec, episodes: tuple[list, list, list], con
             metrics.update(mlp_dynamics_baseline(train_eps, held_out, spec.action_dim, spec.discrete,
                                                  config.dynamics_baseline_steps, config.seed))
     if accelerator.is_main_process:
+        write_curve(out / CURVE_FILE, curve)
         write_json_atomic(out / "metrics.json", json_safe(metrics))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return metrics
+
+
+def _curve_until(out: Path, step: int) -> list[dict]:
+    """The loss curve a resumed run continues: the rows of the checkpointed steps."""
+    path = out / CURVE_FILE
+    if step == 0 or not path.exists():
+        return []
+    return [row for row in read_curve(path) if row["step"] <= step]
 
 
 def _backbone_reference(backbone: str) -> str:
