@@ -5,7 +5,8 @@ Sections: environment speed and expert success; grounding tokens/s and peak memo
 (LoRA vs full, SmolLM2 and the tiny test model); KV-cached vs recomputed generation;
 shared vs separate prefill for several start states per instruction; fp32 vs bf16 inference;
 the LLM as a policy one episode at a time vs in lockstep batches;
-offline RL steps/s; end-to-end stage times of a finished ``kalm run`` directory.
+offline RL steps/s; grounding and imagination at 1 and 2 processes; end-to-end stage
+times of a finished ``kalm run`` directory.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a grounded model directory to time instead of fresh layers")
     parser.add_argument("--run", type=Path, default=None, help="a finished `kalm run` directory for stage times")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/latest.json"))
-    parser.add_argument("--skip", nargs="*", default=[], choices=["env", "grounding", "generation", "offline"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["env", "grounding", "generation", "offline", "processes"])
     args = parser.parse_args()
 
     sections: dict[str, object] = {"machine": _machine()}
@@ -90,6 +92,12 @@ def main() -> None:
 
         sections["offline"] = offline.run(episodes=100 if args.quick else 200)
         print(sections["offline"], "\n", flush=True)
+    if "processes" not in args.skip:
+        from benchmarks import processes
+
+        table, rows = processes.run(quick=args.quick)
+        sections["processes"] = {"table": table, "rows": rows}
+        print(table, "\n", flush=True)
     if args.run is not None:
         sections["end_to_end"] = _end_to_end(args.run)
         print(sections["end_to_end"])

@@ -274,8 +274,12 @@ def imagine(
                                 explain_back=explain_back, robust_noise=robust_noise, robust_share=robust_share,
                                 compose=compose, segment_steps=segment_steps,
                                 starts_per_instruction=starts_per_instruction, precision=precision)
+        from kalm.parallel import is_main_process
+
         result = (_imagine_with_llm(model, config) if model is not None
                   else _imagine_without_llm(policy, real, dynamics_steps, out, config))
+        if not is_main_process():  # under `accelerate launch` every process holds the gathered rollouts
+            return
         stats_path = out.with_name(out.name + ".stats.json")
         if result.dataset is None:
             raise ValueError(f"no rollout was kept out of {n} ({json.dumps(result.stats['counts'])}); "
@@ -377,10 +381,13 @@ def evaluate_cmd(
     try:
         from kalm.evaluation.evaluate import evaluate_policy
         from kalm.evaluation.tables import default_results_path, write_results
+        from kalm.parallel import is_main_process
 
         report = evaluate_policy(policy, baseline=baseline, env=env, level=level, tasks=tasks, episodes=episodes,
                                  seed=seed, epsilon=epsilon, temperature=temperature,
                                  embedding_cache=embedding_cache)
+        if not is_main_process():  # under `accelerate launch` every process holds the merged results
+            return
         written, _ = write_results(report, out or default_results_path(policy, baseline, level, tasks, seed, epsilon,
                                                                        temperature))
     except (ValueError, OSError) as exc:
@@ -415,7 +422,10 @@ def run(
         report = run_pipeline(resolved, out)
     except (ValueError, OSError, RunLockedError) as exc:
         _fail(exc)
-    typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
+    from kalm.parallel import is_main_process
+
+    if is_main_process():
+        typer.echo(f"report: {report} (and {report.with_suffix('.html')})")
 
 
 @app.command()

@@ -52,12 +52,26 @@ def _busy_cores(window_s: float) -> float | None:
     return (1.0 - idle / total) * cores
 
 
+def launched_share() -> int | None:
+    """Under a launcher that started several processes on this machine (torchrun and
+    ``accelerate launch`` set ``LOCAL_WORLD_SIZE``), each process's equal share of the
+    cores; None otherwise. Sampling idle cores there would race the sibling processes."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local)
+
+
 def set_torch_threads(count: int | None = None) -> int:
     """Set torch's CPU threads for the work about to start; returns the count set.
 
-    ``count`` when given, else the idle cores (:func:`free_cores`). Every stage that runs
-    torch on the CPU comes through here, so the choice is made in one place. Without an
-    explicit count a CUDA machine is left alone: its CPU threads only feed the GPU.
+    ``count`` when given, else ``OMP_NUM_THREADS`` when the user set it, else this
+    process's share of the cores under a multi-process launch (:func:`launched_share`),
+    else the idle cores (:func:`free_cores`). Every
+    stage that runs torch on the CPU comes through here, so the choice is made in one
+    place. Without an explicit count a CUDA machine is left alone: its CPU threads only
+    feed the GPU.
     """
     import torch
 
@@ -65,6 +79,11 @@ def set_torch_threads(count: int | None = None) -> int:
         return torch.get_num_threads()
     if count is not None and count < 1:
         raise ValueError(f"torch threads must be at least 1, got {count}")
-    chosen = count or free_cores()
+    chosen = count or _omp_threads() or launched_share() or free_cores()
     torch.set_num_threads(chosen)
     return chosen
+
+
+def _omp_threads() -> int | None:
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None

@@ -472,7 +472,7 @@ def _scripted_segments(spec, calls, refuse=None, border=None):
     and ``border``'s, which lands just inside the edge of the goal's sector."""
     from kalm.imagine.generate import GeneratedRollout
 
-    def generate(model, texts, starts, config, stop=None, seed=0, progress=None, carried_state=()):
+    def generate(model, texts, starts, config, stop=None, seed=0, progress=None, carried_state=(), prompt_ids=None):
         out = []
         for k, (text, start) in enumerate(zip(texts, starts)):
             part = spec.parse_instruction(text)

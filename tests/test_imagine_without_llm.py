@@ -141,15 +141,20 @@ def test_the_policys_action_distribution_peaks_at_its_greedy_action(trained):
 
 
 def test_sampled_evaluation_is_seeded_and_not_greedy(trained):
-    from kalm.evaluation.evaluate import evaluate
+    from kalm.evaluation.evaluate import plan_episodes, run_episode
     from kalm.evaluation.policies import TrainedPolicy
 
     root, _, _ = trained
     levels = {"seen": SPEC.levels["seen"](0)[:20]}
 
-    def actions(policy, seed):  # what each episode came to: success and steps taken
-        result = evaluate(policy, SPEC, levels, episodes=12, seed=seed, progress=False)
-        return [(r["success"], r["steps"]) for r in result["results"]]
+    def actions(policy, seed):  # the states each episode passed through
+        trajectories = []
+        env = SPEC.make_env()
+        for name, instructions in levels.items():
+            for planned in plan_episodes(name, instructions, 12, seed):
+                trajectories.append([])
+                run_episode(env, SPEC, policy, planned, trajectories[-1])
+        return [np.stack(t).round(5).tolist() for t in trajectories]
 
     sampled = TrainedPolicy(root / "policy", temperature=1.0)
     assert sampled.name.endswith("@T1")

@@ -9,7 +9,7 @@ from pathlib import Path
 import kalm
 
 ROOT = Path(kalm.__file__).resolve().parent
-LEAVES = {"files", "threads"}
+LEAVES = {"files", "threads", "parallel"}
 ALLOWED = {
     "envs": set(),
     "data": {"envs"},

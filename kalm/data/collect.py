@@ -28,6 +28,7 @@ from tqdm import tqdm
 from kalm.data.episodes import DatasetError, Episode, EpisodeDataset, load_episodes, save_episodes
 from kalm.envs.spec import EnvSpec
 from kalm.files import make_dirs, raise_naming
+from kalm.parallel import process_group, shard, wait_for_everyone
 
 
 class EpisodeSource(Protocol):
@@ -214,24 +215,46 @@ def collect_to_file(spec: EnvSpec, config: EpisodeSource, out: str | Path, progr
     config.check(spec)
     out = Path(out)
     directory = partial_dir(out)
-    _start_or_resume(spec, config, directory)
+    index, count = process_group()
+    if index == 0:
+        _start_or_resume(spec, config, directory)
+    wait_for_everyone()
     n_chunks = -(-config.episodes // config.chunk_size)
-    episodes: list[Episode] = []
-    with tqdm(total=config.episodes, desc=desc or f"collect {spec.name}", unit="ep", disable=not progress) as bar:
-        for chunk in range(n_chunks):
-            start = chunk * config.chunk_size
-            stop = min(start + config.chunk_size, config.episodes)
-            shard = _shard_path(directory, chunk)
-            if shard.exists():
-                done = load_episodes(shard, spec).episodes
-                if len(done) != stop - start:
-                    raise DatasetError(f"{shard}: holds {len(done)} episodes, expected {stop - start}")
-                bar.update(len(done))
+
+    def bounds(chunk: int) -> tuple[int, int]:
+        return chunk * config.chunk_size, min((chunk + 1) * config.chunk_size, config.episodes)
+
+    def load_shard(chunk: int) -> tuple[Episode, ...]:
+        path, (start, stop) = _shard_path(directory, chunk), bounds(chunk)
+        done = load_episodes(path, spec).episodes
+        if len(done) != stop - start:
+            raise DatasetError(f"{path}: holds {len(done)} episodes, expected {stop - start}")
+        return done
+
+    # Under `accelerate launch` process r collects chunks r, r + N, ...: each chunk's
+    # episodes are seeded by their index, so the file is the one-process file.
+    mine = shard(range(n_chunks), index, count)
+    collected: dict[int, tuple[Episode, ...]] = {}
+    total = sum(stop - start for start, stop in map(bounds, mine))
+    with tqdm(total=total, desc=desc or f"collect {spec.name}", unit="ep", disable=not progress or index) as bar:
+        for chunk in mine:
+            if _shard_path(directory, chunk).exists():
+                collected[chunk] = load_shard(chunk)
+                bar.update(len(collected[chunk]))
             else:
-                done = tuple(collect_range(spec, config, start, stop, bar))
-                save_episodes(EpisodeDataset(spec.name, done, {"shard": chunk, **asdict(config)}), shard)
-            episodes.extend(done)
-    dataset = EpisodeDataset(env=spec.name, episodes=tuple(episodes), metadata=config.metadata(spec))
-    save_episodes(dataset, out)
-    shutil.rmtree(directory)
+                collected[chunk] = tuple(collect_range(spec, config, *bounds(chunk), bar))
+                save_episodes(EpisodeDataset(spec.name, collected[chunk], {"shard": chunk, **asdict(config)}),
+                              _shard_path(directory, chunk))
+    wait_for_everyone()
+    if index == 0:
+        episodes = [e for chunk in range(n_chunks) for e in (collected.get(chunk) or load_shard(chunk))]
+        dataset = EpisodeDataset(env=spec.name, episodes=tuple(episodes), metadata=config.metadata(spec))
+        save_episodes(dataset, out)
+        shutil.rmtree(directory)
+    wait_for_everyone()
+    if index > 0:
+        dataset = load_episodes(out, spec)
+        # the caller may move `out` (a pipeline stage renames its directory) once
+        # every process has read it
+    wait_for_everyone()
     return dataset

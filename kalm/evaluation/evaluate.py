@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from kalm.envs.spec import EnvSpec, Instruction
 from kalm.evaluation.policies import BatchEvalPolicy, EvalPolicy
 from kalm.evaluation.stats import wilson_interval
+from kalm.parallel import gather_in_order, process_group, shard
 
 LEVEL_NAMES = ("seen", "rephrase", "easy", "hard")
 _MAX_START_TRIES = 100
@@ -186,13 +187,16 @@ def evaluate(
     """Run ``episodes`` episodes per level and return the results as JSON-ready data.
 
     A policy with ``begin_batch`` runs ``batch_size`` episodes at a time in lockstep
-    (:func:`run_lockstep`), with the same results as one at a time."""
-    plans = [p for name, ins in levels.items() for p in plan_episodes(name, ins, episodes, seed)]
+    (:func:`run_lockstep`), with the same results as one at a time. Under ``accelerate
+    launch`` with N processes each runs every N-th planned episode and every process
+    returns all the results, in plan order (:mod:`kalm.parallel`)."""
+    index, count = process_group()
+    plans = shard([p for name, ins in levels.items() for p in plan_episodes(name, ins, episodes, seed)], index, count)
     batch = getattr(policy, "batch_size", 1) if hasattr(policy, "begin_batch") else 1
     envs, results = [], []
     try:
         envs += [spec.make_env() for _ in range(max(1, min(batch, len(plans))))]
-        with tqdm(total=len(plans), desc=f"evaluate {policy.name}", unit="ep", disable=not progress) as bar:
+        with tqdm(total=len(plans), desc=f"evaluate {policy.name}", unit="ep", disable=not progress or index) as bar:
             for start in range(0, len(plans), len(envs)):
                 chunk = plans[start : start + len(envs)]
                 if batch > 1:
@@ -203,6 +207,7 @@ def evaluate(
     finally:
         for env in envs:
             env.close()
+    results = gather_in_order(results, index, count)
     return {
         "policy": policy.name,
         "env": spec.name,

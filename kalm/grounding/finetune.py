@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from kalm.files import json_safe, read_curve, write_curve, write_json_atomic
+from kalm.files import json_safe, write_curve, write_json_atomic
 from kalm.grounding.backbone import EMBEDDED_MODELS, resolve_backbone
 from kalm.grounding.checkpoint import (
     latest_checkpoint,
@@ -64,9 +64,11 @@ from kalm.grounding.metrics import evaluate_grounding
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, LoraSettings, NormStats, native_bf16
 from kalm.grounding.objective import GroundingObjective, cosine_with_warmup, make_optimizer
 from kalm.grounding.prompts import TASKS, collate
+from kalm.parallel import process_group
 from kalm.threads import set_torch_threads
 
-CURVE_FILE = "loss_curve.csv"  # step, mean loss of the step's global batch
+# step, mean loss of the step's global batch; checkpoints carry the curve so far
+CURVE_FILE = "loss_curve.csv"
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,6 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
     ``stop_after`` ends this session after that many steps with a checkpoint (a
     time-sliced run); ``resume=True`` continues it on the same schedule.
     """
-    from accelerate import PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
     config = config or GroundingConfig()
@@ -266,7 +267,7 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
         resolve_backbone(backbone)  # a bad --llm is named before anything else starts
     set_torch_threads(config.num_threads or None)
     precision = _precision(config)
-    processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    _, processes = process_group()
     if config.micro_batches % processes:
         raise ValueError(f"micro_batches ({config.micro_batches}) must be a multiple of the {processes} processes: "
                          "each runs an equal share of every step's global batch")
@@ -291,7 +292,7 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
                       f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, "
                       f"steps {start.step}->{config.steps}")
     loop = _TrainingLoop(accelerator, objective, optimizer, scheduler, sampler, config, out, split,
-                         _curve_until(out, start.step))
+                         list((start.state or {}).get("curve", [])))
     started = time.time()
     with _training_attention(model, config.train_attention, torch.cuda.is_available()) as attention:
         stopped = loop.run(start.step, stop_after, progress)
@@ -357,10 +358,9 @@ class _TrainingLoop:
             if periodic or stopping:
                 with full_weights(accelerator, self.objective):
                     if accelerator.is_main_process:
-                        write_curve(self.out / CURVE_FILE, self.curve)
                         save_training_checkpoint(self.out, done, self.model, self.optimizer, self.scheduler,
-                                                 {"config": config.to_json(), "split": self.split},
-                                                 config.keep_checkpoints)
+                                                 {"config": config.to_json(), "split": self.split,
+                                                  "curve": self.curve}, config.keep_checkpoints)
             accelerator.wait_for_everyone()
             if stopping:
                 bar.close()
@@ -425,14 +425,6 @@ def _finish(accelerator, objective, spec, episodes: tuple[list, list, list], con
         write_json_atomic(out / "metrics.json", json_safe(metrics))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return metrics
-
-
-def _curve_until(out: Path, step: int) -> list[dict]:
-    """The loss curve a resumed run continues: the rows of the checkpointed steps."""
-    path = out / CURVE_FILE
-    if step == 0 or not path.exists():
-        return []
-    return [row for row in read_curve(path) if row["step"] <= step]
 
 
 def _backbone_reference(backbone: str) -> str:

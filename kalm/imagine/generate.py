@@ -91,9 +91,19 @@ class RolloutSource(Protocol):
 
     def generate(self, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
                  stop: StopFn | None, seed: int, progress: Callable[[int], None] | None,
-                 carried_state: Sequence[tuple[int, int, int]]) -> list[GeneratedRollout]: ...
+                 carried_state: Sequence[tuple[int, int, int]],
+                 prompt_ids: Sequence[int] | None = None) -> list[GeneratedRollout]: ...
 
     def describe(self) -> dict: ...
+
+
+def batch_generator(seed: int, prompt_ids: Sequence[int] | None, start: int, device="cpu") -> torch.Generator:
+    """The sampling generator of the generation batch that begins at input ``start``:
+    seeded by the seed and the batch's first prompt number (``prompt_ids[start]``, or
+    ``start``), not by what ran before it, so a batch samples alike in whichever
+    process of a sharded imagination it runs (:mod:`kalm.parallel`)."""
+    first = start if prompt_ids is None else int(prompt_ids[start])
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, first]).generate_state(1)[0]))
 
 
 class LLMRollouts:
@@ -103,9 +113,9 @@ class LLMRollouts:
         self.model = model
         self.step_scale = model.io.delta_std.detach().cpu().numpy()
 
-    def generate(self, instructions, initial_states, config, stop, seed, progress, carried_state):
+    def generate(self, instructions, initial_states, config, stop, seed, progress, carried_state, prompt_ids=None):
         return generate_rollouts(self.model, instructions, initial_states, config, stop=stop, seed=seed,
-                                 progress=progress, carried_state=carried_state)
+                                 progress=progress, carried_state=carried_state, prompt_ids=prompt_ids)
 
     def describe(self) -> dict:
         return {"source": "imagined", "model": str(getattr(self.model.config, "backbone", "")),
@@ -255,25 +265,28 @@ def generate_rollouts(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     carried_state: Sequence[tuple[int, int, int]] = (),
+    prompt_ids: Sequence[int] | None = None,
 ) -> list[GeneratedRollout]:
-    """Imagine one rollout per (instruction, initial state).
+    """Imagine one rollout per (instruction, initial state), ``config.batch_size`` at a time.
 
     ``stop(index, state)`` is asked after every generated state (``index`` into the
     inputs); returning True ends that rollout there, e.g. when the task's success
     predicate holds on the imagined state. ``carried_state`` blocks are copied from
-    each state into the next (see :func:`carry_state`).
+    each state into the next (see :func:`carry_state`). ``prompt_ids`` number the
+    inputs within a larger run (default ``0..n-1``): sampling is seeded per batch by
+    them (:func:`batch_generator`).
     """
     initial_states = np.asarray(initial_states, dtype=np.float32)
     if len(instructions) != len(initial_states):
         raise ValueError(f"{len(instructions)} instructions but {len(initial_states)} initial states")
     model.eval()
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    device = next(model.parameters()).device
     out: list[GeneratedRollout] = []
     for start in range(0, len(instructions), config.batch_size):
         end = min(start + config.batch_size, len(instructions))
         out += _generate_batch(
-            model, instructions[start:end], initial_states[start:end], config, stop, generator, start,
-            carried_state,
+            model, instructions[start:end], initial_states[start:end], config, stop,
+            batch_generator(seed, prompt_ids, start, device), start, carried_state,
         )
         if progress is not None:
             progress(end - start)

@@ -26,6 +26,7 @@ from kalm.imagine.filters import (
 )
 from kalm.imagine.generate import GeneratedRollout, GenerationConfig, LLMRollouts, RolloutSource, stop_at_goal
 from kalm.imagine.label import label_rollout
+from kalm.parallel import gather_in_order, process_group, shard, share_from_first
 
 
 @dataclass(frozen=True)
@@ -212,13 +213,18 @@ def _generate(
     for i, rollout in zip(whole, rollouts):
         generated[i] = rollout
     if composed:
-        bar = tqdm(desc=f"imagine {config.level} part by part", unit="segment", disable=not progress)
-        chains = imagine_composed(
-            source, spec, [instructions[i] for i in composed], starts[composed], config.generation,
-            config.segment_steps, config.seed, config.robust_noise, config.robust_share, progress=bar.update,
-        )
-        bar.close()
-        for i, rollout in zip(composed, chains):
+        # Chains advance together segment by segment, so their batches depend on which
+        # chains are still running: the first process imagines them all and shares them.
+        index, _ = process_group()
+        chains = None
+        if index == 0:
+            bar = tqdm(desc=f"imagine {config.level} part by part", unit="segment", disable=not progress)
+            chains = imagine_composed(
+                source, spec, [instructions[i] for i in composed], starts[composed], config.generation,
+                config.segment_steps, config.seed, config.robust_noise, config.robust_share, progress=bar.update,
+            )
+            bar.close()
+        for i, rollout in zip(composed, share_from_first(chains)):
             generated[i] = rollout
     return generated
 
@@ -227,19 +233,30 @@ def _generate_whole(
     source: RolloutSource, spec: EnvSpec, config: ImagineConfig, instructions: list[Instruction],
     starts: np.ndarray, progress: bool,
 ) -> list[GeneratedRollout]:
-    """Each instruction imagined in one go, ending where its task holds or at its horizon."""
-    tasks = [ins.task for ins in instructions]
-    bar = tqdm(total=len(instructions), desc=f"imagine {config.level}", unit="rollout",
-               disable=not progress or not instructions)
+    """Each instruction imagined in one go, ending where its task holds or at its horizon.
+
+    Under ``accelerate launch`` with N processes, generation batch ``b`` runs on
+    process ``b % N``; batches are the one-process batches and sample with their own
+    seeds, so the gathered rollouts are the one-process rollouts."""
+    index, count = process_group()
+    size = config.generation.batch_size
+    mine = [i for b in shard(range(0, len(instructions), size), index, count)
+            for i in range(b, min(b + size, len(instructions)))]
+    tasks = [instructions[i].task for i in mine]
+    bar = tqdm(total=len(mine), desc=f"imagine {config.level}", unit="rollout",
+               disable=not progress or not mine or index > 0)
     rollouts: list[GeneratedRollout] = []
-    if instructions:
+    if mine:
         rollouts = source.generate(
-            [ins.text for ins in instructions], starts, config.generation,
-            stop_at_goal(tasks, starts, [spec.horizon(task) for task in tasks]), config.seed, bar.update,
-            spec.carried_state,
+            [instructions[i].text for i in mine], starts[mine], config.generation,
+            stop_at_goal(tasks, starts[mine], [spec.horizon(task) for task in tasks]), config.seed, bar.update,
+            spec.carried_state, prompt_ids=mine,
         )
     bar.close()
-    return rollouts
+    if count == 1:
+        return rollouts
+    by_batch = [rollouts[k : k + size] for k in range(0, len(rollouts), size)]
+    return [r for batch in gather_in_order(by_batch, index, count) for r in batch]
 
 
 def _check_filter_label(
@@ -254,8 +271,7 @@ def _check_filter_label(
     kept, kept_tasks, counts = [], [], {"generated": len(generated), "succeeded": 0, "non_finite": 0,
                                          "dropped_physics": 0, "dropped_failure": 0, "dropped_fragile": 0,
                                          "dropped_explain_back": 0}
-    noise_rng = np.random.default_rng(config.seed)
-    for rollout, task, checked_per_part in zip(generated, tasks, by_parts):
+    for number, (rollout, task, checked_per_part) in enumerate(zip(generated, tasks, by_parts)):
         violations = check_rollout(spec, rollout.states, rollout.actions)
         stats.add(violations)
         if not np.all(np.isfinite(rollout.states)) or len(rollout.actions) == 0:
@@ -268,7 +284,8 @@ def _check_filter_label(
                                            config.reward)
         counts["succeeded"] += succeeded
         if succeeded and config.robust_noise > 0 and not checked_per_part and robust_success_share(
-                task, episode.observations, step_scale, config.robust_noise, noise_rng) < config.robust_share:
+                task, episode.observations, step_scale, config.robust_noise,
+                np.random.default_rng([config.seed, number])) < config.robust_share:
             counts["dropped_fragile"] += 1
             continue
         if not succeeded and not config.keep_failures:

@@ -19,12 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kalm.data.episodes import EpisodeDataset
 from kalm.envs.spec import EnvSpec
 from kalm.grounding.dynamics_baseline import MLPDynamics, fit_mlp_dynamics, transition_arrays
-from kalm.imagine.generate import GeneratedRollout, GenerationConfig, StopFn
+from kalm.imagine.generate import GeneratedRollout, GenerationConfig, StopFn, batch_generator
 from kalm.imagine.rollouts import ImagineConfig, ImagineResult, imagine_from
 from kalm.offline.policy import LanguagePolicy
 
@@ -53,17 +52,17 @@ class PolicyDynamicsRollouts:
 
     def generate(self, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
                  stop: StopFn | None, seed: int, progress: Callable[[int], None] | None,
-                 carried_state: Sequence[tuple[int, int, int]]) -> list[GeneratedRollout]:
+                 carried_state: Sequence[tuple[int, int, int]],
+                 prompt_ids: Sequence[int] | None = None) -> list[GeneratedRollout]:
         initial_states = np.asarray(initial_states, dtype=np.float32)
         if len(instructions) != len(initial_states):
             raise ValueError(f"{len(instructions)} instructions but {len(initial_states)} initial states")
-        generator = torch.Generator().manual_seed(seed)
         embeddings = self.policy.encoder.encode(list(instructions))
         out: list[GeneratedRollout] = []
         for start in range(0, len(instructions), config.batch_size):
             end = min(start + config.batch_size, len(instructions))
             out += self._batch(instructions[start:end], initial_states[start:end], embeddings[start:end], config,
-                               stop, generator, start, carried_state)
+                               stop, batch_generator(seed, prompt_ids, start), start, carried_state)
             if progress is not None:
                 progress(end - start)
         return out

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import kalm
+from kalm.parallel import alone, process_group, wait_for_everyone
 
 RECORD = "stage.json"
 KALM_ROOT = Path(kalm.__file__).resolve().parent
@@ -132,6 +133,7 @@ class StageCache:
         build: Callable[[Path], Mapping[str, Any] | None],
         inputs: Mapping[str, str] | None = None,
         code: Iterable[str] = (),
+        scope: str = "main",
     ) -> StageOutput:
         """Return the stage's completed output directory, building it if needed.
 
@@ -140,26 +142,48 @@ class StageCache:
         compute the stage (their source and kalm's version are part of the key).
         Builders that checkpoint (long training) should keep their checkpoints in
         ``tmp_dir``: it is reused after a kill, so a rerun resumes instead of restarting.
+
+        Under ``accelerate launch`` with several processes (:mod:`kalm.parallel`) every
+        process calls this in the same order. ``scope`` says who builds: ``"main"``
+        (the first process; the others wait), ``"collective"`` (every process, for
+        builders that shard their work and write from the first process only), or
+        ``"local"`` (only the calling process, which alone asks for this stage). The
+        first process writes the record.
         """
+        if scope not in ("main", "collective", "local"):
+            raise ValueError(f"scope must be main, collective or local, got {scope!r}")
+        index, count = (0, 1) if scope == "local" else process_group()
+        sync = wait_for_everyone if count > 1 else (lambda: None)
         version = f"kalm {kalm.__version__}; {code_digest(code)}" if code else ""
         key = stage_key(name, config, inputs, version)
         final = self.path(name, key)
+        sync()  # every process sees the cache as it is now
         if (final / RECORD).is_file():
             record = json.loads((final / RECORD).read_text())
             return StageOutput(name, key, final, True, float(record.get("seconds", 0.0)))
-        if final.exists():  # renamed into place but its record is missing: never trust it
-            shutil.rmtree(final)
         work = self.root / f".{name}-{key}.partial"
-        work.mkdir(parents=True, exist_ok=True)
+        if index == 0:
+            if final.exists():  # renamed into place but its record is missing: never trust it
+                shutil.rmtree(final)
+            work.mkdir(parents=True, exist_ok=True)
+        sync()
         start = time.perf_counter()
-        summary = build(work) or {}
+        if scope == "collective":
+            summary = build(work) or {}
+        else:
+            with alone():
+                summary = (build(work) or {}) if index == 0 else {}
         seconds = time.perf_counter() - start
+        if index > 0:
+            sync()  # until the first process has put the stage in place
+            return StageOutput(name, key, final, False, seconds)
         record = {"stage": name, "key": key, "config": config, "inputs": dict(inputs or {}), "code": version,
                   "seconds": seconds, "summary": summary}
         tmp_record = work / (RECORD + ".tmp")
         tmp_record.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
         os.replace(tmp_record, work / RECORD)
         os.replace(work, final)
+        sync()
         return StageOutput(name, key, final, False, seconds)
 
 

@@ -19,6 +19,7 @@ from kalm.envs.spec import EnvSpec
 from kalm.grounding.finetune import GroundingConfig
 from kalm.imagine.rollouts import ImagineConfig
 from kalm.offline.config import TrainConfig, algos_for, has_action_distribution
+from kalm.parallel import process_group
 
 NOVEL_LEVELS = ("rephrase", "easy", "hard")
 
@@ -246,6 +247,12 @@ def check_config(config: PipelineConfig) -> EnvSpec:
             raise ValueError(f"config field 'levels': unknown level {level!r} (levels: {', '.join(spec.levels)})")
         if not isinstance(plan, LevelPlan):
             raise ValueError(f"config field 'levels': the plan for {level!r} is not a LevelPlan ({plan!r})")
+    processes = process_group()[1]
+    if not config.grounded_model and config.grounding.micro_batches % processes:
+        raise ValueError(f"config field 'grounding.micro_batches': {config.grounding.micro_batches} micro-batches "
+                         f"per step cannot be shared by {processes} processes; make it a multiple, e.g. "
+                         f'{{"grounding": {{"micro_batches": {processes}}}}} (the global batch, alike on any '
+                         "process count)")
     if not config.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in config.seeds):
         raise ValueError(f"config field 'seeds': expected non-negative integers, got {list(config.seeds)}")
     temperature = config.eval_temperature

@@ -104,7 +104,8 @@ PRESETS: dict[str, Callable[[], PipelineConfig]] = {
 
 
 def load_config(name_or_path: str) -> PipelineConfig:
-    """A preset by name, or a JSON file of overrides on top of ``clevr-default``."""
+    """A preset by name, or a JSON file of overrides on top of ``clevr-default`` (or of
+    the preset the file names under ``"preset"``)."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     path = Path(name_or_path)
@@ -114,7 +115,10 @@ def load_config(name_or_path: str) -> PipelineConfig:
         overrides = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"{path}: not a JSON config ({exc})") from None
-    return apply_overrides(PipelineConfig(), overrides, str(path))
+    base = overrides.pop("preset", None) if isinstance(overrides, dict) else None
+    if base is not None and base not in PRESETS:
+        raise ValueError(f"{path}: unknown preset {base!r} (presets: {', '.join(PRESETS)})")
+    return apply_overrides(PRESETS[base]() if base else PipelineConfig(), overrides, str(path))
 
 
 def _refuse_constant(name: str) -> Any:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from kalm.files import write_json_atomic
+from kalm.parallel import is_main_process
 from kalm.pipeline.cache import RunLock, StageCache
 from kalm.pipeline.experiment import PipelineConfig, acting_for, check_config
 from kalm.pipeline.stages import (
@@ -36,13 +38,18 @@ MANIFEST = "run.json"
 
 
 def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
-    """Run (or resume) the experiment in ``out`` and return the report's path."""
+    """Run (or resume) the experiment in ``out`` and return the report's path (written
+    by the first process when several run it under ``accelerate launch``)."""
     from kalm.report import write_report
 
     spec = check_config(config)
     out = Path(out)
-    with RunLock(out):
-        (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+    main = is_main_process()
+    # Under `accelerate launch` the processes share the run directory: the first holds
+    # the lock and writes what is written once; the stages say who builds them.
+    with RunLock(out) if main else nullcontext():
+        if main:
+            (out / "config.json").write_text(json.dumps(config.to_json(), indent=2))
         cache = StageCache(out / "stages")
         real = collect_stage(cache, spec, config)
         hindsight = hindsight_stage(cache, spec, config)
@@ -95,6 +102,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
                 "showcase": show.path.name,
             },
         }
+        if not main:
+            return out / "report.md"
         write_json_atomic(out / MANIFEST, manifest)
         return write_report(out)
 

@@ -22,6 +22,7 @@ from kalm.envs.spec import EnvSpec
 from kalm.evaluation.evaluate import evaluate, resolve_levels
 from kalm.evaluation.policies import TrainedPolicy
 from kalm.files import read_json
+from kalm.parallel import is_main_process, process_group, shard, wait_for_everyone
 from kalm.pipeline.cache import StageCache, StageOutput, directory_digest
 from kalm.pipeline.experiment import PipelineConfig, acting_for, train_config_for
 from kalm.threads import free_cores, set_torch_threads
@@ -45,7 +46,7 @@ def collect_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) -> S
         return {"episodes": len(dataset.episodes), "success_rate": dataset.success_rate}
 
     return cache.run("collect", {"env": spec.name, "collect": _as_json(config.collect)}, build,
-                     code=["kalm.data.collect"])
+                     code=["kalm.data.collect"], scope="collective")
 
 
 def hindsight_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) -> StageOutput | None:
@@ -59,7 +60,7 @@ def hindsight_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) ->
         return {"episodes": len(lengths), "mean_length": sum(lengths) / len(lengths)}
 
     return cache.run("hindsight", {"env": spec.name, "hindsight": _as_json(config.hindsight)}, build,
-                     code=["kalm.data.hindsight"])
+                     code=["kalm.data.hindsight"], scope="collective")
 
 
 def ground_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput | None,
@@ -77,7 +78,7 @@ def ground_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real:
     settings = {k: v for k, v in config.grounding.to_json().items() if k not in RUNTIME_ONLY}
     inputs = {"real": real.key, **({"hindsight": hindsight.key} if hindsight else {})}
     return cache.run("ground", {"llm": config.llm, "grounding": settings}, build, inputs,
-                     code=["kalm.grounding.finetune"])
+                     code=["kalm.grounding.finetune"], scope="collective")
 
 
 def adopt_grounded_stage(cache: StageCache, spec: EnvSpec, source: Path) -> StageOutput:
@@ -128,7 +129,9 @@ def imagine_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, mode
     imagine_config = config.levels[level].imagine_config(config.imagine, level)
 
     def build(work: Path):
-        result = imagine(model.get(), spec, imagine_config)
+        result = imagine(model.get(), spec, imagine_config)  # every process: it shards the rollouts
+        if not is_main_process():
+            return None
         if result.dataset is not None:
             save_episodes(result.dataset, work / "imagined.h5")
         # audit only: the replay never changes what was kept
@@ -137,7 +140,7 @@ def imagine_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, mode
 
     return cache.run(f"imagine-{level}", {**_as_json(imagine_config), "prompt_draw": PROMPT_DRAW}, build,
                      {"model": model.stage.key}, code=["kalm.imagine.rollouts", "kalm.evaluation.imagined",
-                                                       "kalm.grounding.checkpoint"])
+                                                       "kalm.grounding.checkpoint"], scope="collective")
 
 
 def dynamics_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput) -> StageOutput:
@@ -179,7 +182,8 @@ def imagine_without_llm_stage(cache: StageCache, spec: EnvSpec, config: Pipeline
 
 
 def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: int, real: StageOutput,
-                imagined: list[StageOutput], progress: bool = True, algo: str | None = None) -> StageOutput:
+                imagined: list[StageOutput], progress: bool = True, algo: str | None = None,
+                scope: str = "main") -> StageOutput:
     """One policy of ``algo`` (default ``config.train.algo``) on the real data plus
     ``imagined``; ``method`` names it (``baseline``, ``kalm``, ``baseline-cql``, ...)."""
     from kalm.offline.train import train
@@ -196,7 +200,7 @@ def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: in
 
     inputs = {"real": real.key, **{s.name: s.key for s in imagined}}
     return cache.run(f"train-{method}-s{seed}", {"train": train_config.to_json(), "method": method}, build, inputs,
-                     code=["kalm.offline.train"])
+                     code=["kalm.offline.train"], scope=scope)
 
 
 def plan_seed(config: PipelineConfig, training_seed: int) -> int:
@@ -211,15 +215,17 @@ def plan_seed(config: PipelineConfig, training_seed: int) -> int:
 
 def evaluate_stage(cache: StageCache, spec: EnvSpec, name: str, make_policy: Callable, episodes: int,
                    plan: int, inputs: Mapping[str, str], code: list[str], progress: bool = True,
-                   acting: Mapping[str, float] | None = None) -> StageOutput:
+                   acting: Mapping[str, float] | None = None, scope: str = "main") -> StageOutput:
     def build(work: Path):
         levels = resolve_levels(spec, "all", plan)
         results = evaluate(make_policy(), spec, levels, episodes, plan, progress=progress)
+        if scope == "collective" and not is_main_process():
+            return None
         (work / "results.json").write_text(json.dumps(results))
         return {level: r["success_rate"] for level, r in results["levels"].items()}
 
     return cache.run(f"evaluate-{name}", {"episodes": episodes, "seed": plan, **(acting or {})}, build, inputs,
-                     code=["kalm.evaluation.evaluate", *code])
+                     code=["kalm.evaluation.evaluate", *code], scope=scope)
 
 
 def llm_policy_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, model: GroundedModel) -> StageOutput:
@@ -233,21 +239,21 @@ def llm_policy_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, m
     precision = config.imagine.precision
     return evaluate_stage(cache, spec, "llm-policy", make_policy, config.llm_policy_episodes, config.eval_seed,
                           {"model": model.stage.key, "precision": precision},
-                          ["kalm.imagine.llm_policy", "kalm.grounding.checkpoint"])
+                          ["kalm.imagine.llm_policy", "kalm.grounding.checkpoint"], scope="collective")
 
 
 def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, real: StageOutput,
-               imagined: list[StageOutput], progress: bool = True,
-               algo: str | None = None) -> tuple[StageOutput, StageOutput]:
+               imagined: list[StageOutput], progress: bool = True, algo: str | None = None,
+               scope: str = "main") -> tuple[StageOutput, StageOutput]:
     """Train one offline-RL policy and evaluate it: ``(train stage, evaluation stage)``.
     Top-level so a worker process can run it; both stages are cached as usual."""
     cache, spec = StageCache(stages), get_spec(config.env)
-    stage = train_stage(cache, config, method, seed, real, imagined, progress, algo)
+    stage = train_stage(cache, config, method, seed, real, imagined, progress, algo, scope)
     acting = acting_for(config, spec, algo)
     evaluation = evaluate_stage(cache, spec, f"{method}-s{seed}",
                                 lambda: TrainedPolicy(stage.path / "policy", **acting), config.eval_episodes,
                                 plan_seed(config, seed), {"policy": stage.key}, ["kalm.evaluation.policies"], progress,
-                                acting)
+                                acting, scope)
     return stage, evaluation
 
 
@@ -262,9 +268,17 @@ def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
     evaluation) keeps one core busy and no more; with two cores idle, two policies
     train and evaluate at once in spawned workers (one torch thread each), which nearly
     halves this part of the run. With one idle core they run here, in order, with their
-    own progress bars.
+    own progress bars. Under ``accelerate launch`` with N processes, process ``r`` runs
+    jobs ``r, r + N, ...`` and then every process reads all of them from the cache.
     """
     jobs = [(method, seed, algo, extra) for seed in config.seeds for method, (algo, extra) in plans.items()]
+    index, count = process_group()
+    if count > 1:
+        for m, s, a, extra in shard(jobs, index, count):
+            policy_job(cache.root, config, m, s, real, extra, index == 0, a, scope="local")
+        wait_for_everyone()
+        return {(m, s): policy_job(cache.root, config, m, s, real, extra, False, a, scope="local")
+                for m, s, a, extra in jobs}
     workers = min(len(jobs), free_cores())
     if workers < 2:
         return {(m, s): policy_job(cache.root, config, m, s, real, extra, algo=a) for m, s, a, extra in jobs}
