@@ -28,6 +28,27 @@ def tiny_backbone(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def grounded_model(tmp_path_factory, tiny_backbone) -> Path:
+    """A tiny grounded model saved as `kalm ground` saves one: the random Llama, fully
+    fine-tunable, with a done head that never fires (every rollout runs to its goal or
+    to --max-steps, so sampling decides many actions)."""
+    from kalm.envs import get_spec
+    from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
+
+    spec = get_spec("clevr")
+    torch.manual_seed(0)
+    config = GroundedLMConfig(env="clevr", state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=True,
+                              backbone=str(tiny_backbone), finetune="full")
+    identity = NormStats.identity(spec.state_dim, spec.action_dim, True)
+    stats = NormStats(np.zeros(spec.state_dim, np.float32), np.full(spec.state_dim, 0.3, np.float32),
+                      np.full(spec.state_dim, 0.05, np.float32), identity.action_mean, identity.action_std)
+    model = GroundedLM.create(config, stats)
+    with torch.no_grad():
+        model.io.done_head.bias.fill_(-20.0)
+    return model.save(tmp_path_factory.mktemp("grounded") / "model")
+
+
 class ObservationHashPolicy:
     """A deterministic evaluation policy whose action depends on every coordinate of the
     observation it is shown, recording what each episode showed it: one at a time

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from kalm.data.collect import CollectConfig, collect_to_file
@@ -156,24 +155,6 @@ def test_two_process_evaluation_writes_the_one_process_results(tmp_path):
         _run_kalm(n, tmp_path / f"{n}.log", *args, "--out", tmp_path / f"{n}.json")
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
     assert len(one["results"]) == 4 * 5 and one == two
-
-
-@pytest.fixture(scope="module")
-def grounded_model(tmp_path_factory, tiny_backbone) -> Path:
-    """A tiny grounded model whose done head never fires, so sampling decides many actions."""
-    from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
-
-    spec = get_spec("clevr")
-    torch.manual_seed(0)
-    config = GroundedLMConfig(env="clevr", state_dim=spec.state_dim, action_dim=spec.action_dim, discrete=True,
-                              backbone=str(tiny_backbone), finetune="full")
-    identity = NormStats.identity(spec.state_dim, spec.action_dim, True)
-    stats = NormStats(np.zeros(spec.state_dim, np.float32), np.full(spec.state_dim, 0.3, np.float32),
-                      np.full(spec.state_dim, 0.05, np.float32), identity.action_mean, identity.action_std)
-    model = GroundedLM.create(config, stats)
-    with torch.no_grad():
-        model.io.done_head.bias.fill_(-20.0)
-    return model.save(tmp_path_factory.mktemp("grounded") / "model")
 
 
 @pytest.mark.parametrize("level", ["rephrase", "hard"])

@@ -445,25 +445,6 @@ def _stats(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def grounded_model(tmp_path_factory, tiny_backbone) -> Path:
-    """A tiny grounded model saved as `kalm ground` saves one: the random Llama, fully
-    fine-tunable, with a done head that never fires (every rollout runs to its goal or
-    to --max-steps, so sampling decides many actions)."""
-    from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
-
-    torch.manual_seed(0)
-    config = GroundedLMConfig(env="clevr", state_dim=SPEC.state_dim, action_dim=SPEC.action_dim, discrete=True,
-                              backbone=str(tiny_backbone), finetune="full")
-    identity = NormStats.identity(SPEC.state_dim, SPEC.action_dim, True)
-    stats = NormStats(np.zeros(SPEC.state_dim, np.float32), np.full(SPEC.state_dim, 0.3, np.float32),
-                      np.full(SPEC.state_dim, 0.05, np.float32), identity.action_mean, identity.action_std)
-    model = GroundedLM.create(config, stats)
-    with torch.no_grad():
-        model.io.done_head.bias.fill_(-20.0)
-    return model.save(tmp_path_factory.mktemp("grounded") / "model")
-
-
-@pytest.fixture(scope="module")
 def reference_imagined(tmp_path_factory, grounded_model) -> Path:
     out = tmp_path_factory.mktemp("ref-imagine") / "imagined.h5"
     log = out.with_suffix(".log")
