@@ -1,10 +1,13 @@
-"""Sharding independent work (evaluation episodes) across the processes of an
-``accelerate launch``, and merging the results back into one-process order.
+"""Sharding independent work (episodes, generation batches, policies) across the
+processes of an ``accelerate launch``, and merging the results back into one-process
+order.
 
 Outside a multi-process launch everything here is a no-op, and nothing initialises
 torch.distributed. Work items are dealt round-robin (process ``r`` of ``N`` takes items
 ``r, r + N, ...``) and every item carries its own seed, so the merged result equals a
-one-process run whatever ``N`` is.
+one-process run whatever ``N`` is. Results travel between the launch's own processes
+through torch.distributed's object collectives (pickled in memory); nothing pickled is
+written to or read from disk.
 """
 
 from __future__ import annotations
