@@ -54,6 +54,11 @@ def _time(model, texts, starts, config: GenerationConfig, repeats: int):
     return statistics.median(times), out
 
 
+# The cell the KV-cache target is stated for (T = 50, batch 8): its recompute baseline is
+# always timed, whatever the budget.
+HEADLINE = (50, 8)
+
+
 def run(model, lengths: Sequence[int] = (10, 25, 50), batches: Sequence[int] = (1, 8, 32), repeats: int = 3,
         recompute_budget_s: float = 240.0) -> tuple[str, list[dict]]:
     """See :func:`_run`; gradients are off only inside (the offline benchmark that
@@ -65,7 +70,8 @@ def run(model, lengths: Sequence[int] = (10, 25, 50), batches: Sequence[int] = (
 def _run(model, lengths: Sequence[int], batches: Sequence[int], repeats: int,
          recompute_budget_s: float) -> tuple[str, list[dict]]:
     """A markdown table and the rows. The recompute baseline is skipped for a cell once
-    the budget is spent (its time grows with T squared); the table says so."""
+    the budget is spent (its time grows with T squared), except for :data:`HEADLINE`;
+    the table says so."""
     rows, spent = [], 0.0
     for batch in batches:
         texts, starts = _prompts(batch)
@@ -74,7 +80,7 @@ def _run(model, lengths: Sequence[int], batches: Sequence[int], repeats: int,
             cached_s, cached = _time(model, texts, starts, config, repeats)
             row = {"T": steps, "batch": batch, "cached_s": cached_s, "recompute_s": None, "speedup": None,
                    "equal": None, "tokens": 2 * steps * batch}
-            if spent < recompute_budget_s:
+            if spent < recompute_budget_s or (steps, batch) == HEADLINE:
                 start = time.perf_counter()
                 full_s, full = _time(model, texts, starts, replace(config, use_cache=False),
                                      1 if steps * batch > 200 else repeats)
