@@ -254,7 +254,5 @@ def collect_to_file(spec: EnvSpec, config: EpisodeSource, out: str | Path, progr
     wait_for_everyone()
     if index > 0:
         dataset = load_episodes(out, spec)
-        # the caller may move `out` (a pipeline stage renames its directory) once
-        # every process has read it
-    wait_for_everyone()
+    wait_for_everyone()  # the caller may move `out` (a stage renames its directory) once all have read it
     return dataset
