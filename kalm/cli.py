@@ -400,8 +400,9 @@ def evaluate_cmd(
 
 @app.command()
 def run(
-    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-gpu, clevr-tiny, "
-                                                     "metaworld-default) or a JSON file of overrides."),
+    config: str = typer.Option("clevr-default", help="A preset (clevr-default, clevr-full, clevr-algos, "
+                                                     "clevr-paper-hparams, clevr-gpu, clevr-tiny, metaworld-default) "
+                                                     "or a JSON file of overrides."),
     out: Path = typer.Option(Path("runs/clevr-default"), help="Run directory (stages are cached and resumed there)."),
     llm: str = typer.Option(None, help="Override the backbone: a local Hugging Face causal-LM directory or 'smollm2'."),
     grounded_model: Path = typer.Option(None, help="Adopt this grounded model/ directory (from `kalm ground`, e.g. "

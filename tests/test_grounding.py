@@ -12,7 +12,7 @@ import torch
 from kalm.grounding.backbone import BackboneError, load_backbone
 from kalm.grounding.checkpoint import GroundingCheckpointError, latest_checkpoint
 from kalm.grounding.finetune import GroundingConfig, train_grounding
-from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
+from kalm.grounding.model import GroundedLM, GroundedLMConfig, LoraSettings, NormStats
 from kalm.grounding.objective import GroundingObjective
 from kalm.grounding.prompts import TASKS, collate
 
@@ -388,6 +388,37 @@ def test_hindsight_share_draws_that_share_of_examples_from_the_extra_pool():
             assert abs(from_extra - share) < 0.04, (task, share, from_extra)
     with pytest.raises(ValueError, match="none reaches its goal"):
         ExampleSampler(Builder(), expert, 16, extra=[], extra_share=0.5)
+
+
+def test_growth_measurements_leave_training_unchanged_and_survive_a_resume(tiny_backbone, tmp_path):
+    from safetensors.torch import load_file
+
+    from kalm.envs import get_spec
+    from kalm.files import read_curve
+    from kalm.grounding.finetune import GROWTH_FILE
+
+    spec = get_spec("clevr")
+    data = _dataset()
+    config = GroundingConfig(steps=5, checkpoint_every=0, batch_tokens=160, max_batch_size=4, eval_episodes=2,
+                             explanation_max_tokens=2, generation_max_steps=2, num_threads=1, precision="fp32",
+                             lora=LoraSettings(dropout=0.1))  # dropout draws from the random state measuring forks
+    train_grounding(spec, data, str(tiny_backbone), tmp_path / "plain", config, progress=False)
+    measured = replace(config, measure_at=(2, 4))
+    train_grounding(spec, data, str(tiny_backbone), tmp_path / "grown", measured, progress=False, stop_after=3)
+    metrics = train_grounding(spec, data, str(tiny_backbone), tmp_path / "grown", measured, progress=False,
+                              resume=True)
+    for name in ("io_layers.safetensors", "adapter/adapter_model.safetensors"):
+        plain, grown = load_file(tmp_path / "plain/model" / name), load_file(tmp_path / "grown/model" / name)
+        for key in plain:
+            torch.testing.assert_close(plain[key], grown[key], rtol=0, atol=1e-6, msg=f"{name}:{key}")
+    rows = read_curve(tmp_path / "grown" / GROWTH_FILE)
+    assert [row["step"] for row in rows] == [2, 4, 5]
+    assert rows[-1]["generation_success"] == metrics["generation_success"]
+    assert rows[-1]["dynamics_median_l2"] == pytest.approx(metrics["dynamics_median_l2"])
+    assert rows[0]["dynamics_median_l2"] != rows[-1]["dynamics_median_l2"]  # measured at step 2, not copied
+    assert [row["step"] for row in metrics["growth"]] == [2, 4, 5]
+    with pytest.raises(ValueError, match="measure_at step 5"):
+        replace(config, measure_at=(5,))
 
 
 def test_grounding_with_hindsight_episodes_scores_determined_explanation(tiny_backbone, tmp_path):

@@ -175,6 +175,13 @@ def test_config_files_override_the_default_and_refuse_unknown_fields(tmp_path):
     paper = load_config("clevr-paper-hparams")
     assert paper.train.hyperparameters == "paper" and paper.train.imaginary_ratio == 0.5
     assert paper.algos == load_config("clevr-algos").algos == ("cql", "bcq", "dt")
+    # clevr-full: more data and steps, every other stage as in the default, a growth curve
+    full, default = load_config("clevr-full"), load_config("clevr-default")
+    assert full.collect.episodes == 4 * default.collect.episodes and full.grounding.steps == 3 * default.grounding.steps
+    assert full.grounding.measure_at and max(full.grounding.measure_at) < full.grounding.steps
+    assert (full.imagine, full.levels, full.train, full.seeds) == (default.imagine, default.levels, default.train,
+                                                                  default.seeds)
+    check_config(full)
 
 
 def _check_adopting_a_grounded_model(config, grounded, out):

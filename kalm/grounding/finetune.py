@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,6 +71,11 @@ from kalm.threads import set_torch_threads
 
 # step, mean loss of the step's global batch; checkpoints carry the curve so far
 CURVE_FILE = "loss_curve.csv"
+# the held-out figures at each step of ``GroundingConfig.measure_at`` and at the end
+GROWTH_FILE = "growth.csv"
+# what a growth row keeps of evaluate_grounding's metrics: one number per figure
+GROWTH_FIGURES = ("dynamics_median_l2", "explanation_accuracy", "explanation_equivalent", "explanation_achieved",
+                  "determined_explanation_equivalent", "generation_success")
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,10 @@ class GroundingConfig:
     seed: int = 0
     eval_episodes: int = 100
     eval_batch_size: int = 32
+    # Steps at which the held-out metrics are also measured during training, so a run
+    # shows how each figure grows with steps (growth.csv, the report's growth plot).
+    # Each costs one evaluation (about 80 s on 2 CPU cores with the defaults).
+    measure_at: tuple[int, ...] = ()
     explanation_max_tokens: int = 32
     generation_max_steps: int = 0  # 0: twice max_trajectory_steps, capped by the env horizon
     num_threads: int = 0  # 0: the cores not already busy (kalm.threads.free_cores)
@@ -135,6 +146,10 @@ class GroundingConfig:
         for name in ("steps", "batch_tokens", "max_batch_size", "micro_batches", "max_trajectory_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        outside = [s for s in self.measure_at if not 0 < s < self.steps]
+        if outside:
+            raise ValueError(f"measure_at step {outside[0]} is not between 1 and steps - 1 ({self.steps - 1}); "
+                             "the last step is always measured")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -144,6 +159,7 @@ class GroundingConfig:
         d = asdict(self)
         d["lora"]["targets"] = list(self.lora.targets)
         d["task_weights"] = [list(p) for p in self.task_weights]
+        d["measure_at"] = list(self.measure_at)
         return d
 
     @classmethod
@@ -161,6 +177,7 @@ class GroundingConfig:
         values["lora"] = LoraSettings(**lora)
         if "task_weights" in values:
             values["task_weights"] = tuple((str(n), float(w)) for n, w in values["task_weights"])
+        values["measure_at"] = tuple(int(s) for s in values.get("measure_at", ()))
         return cls(**values)
 
 
@@ -170,7 +187,6 @@ def _precision(config: GroundingConfig) -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
-@contextmanager
 def _training_attention(model: GroundedLM, choice: str, on_gpu: bool):
     """Train with the chosen attention kernel, then give the model back its own.
 
@@ -181,7 +197,18 @@ def _training_attention(model: GroundedLM, choice: str, on_gpu: bool):
     token per step).
     """
     implementation = "eager" if choice == "auto" and not on_gpu else (None if choice == "auto" else choice)
-    base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    return _attention(model, implementation)
+
+
+def _base_llm(model: GroundedLM):
+    return model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+
+
+@contextmanager
+def _attention(model: GroundedLM, implementation: str | None):
+    """The backbone's attention kernel set to ``implementation`` (None: left as it is)
+    and restored afterwards; yields the kernel in use."""
+    base = _base_llm(model)
     previous = getattr(base.config, "_attn_implementation", None)
     if implementation is None or implementation == previous or not hasattr(base, "set_attn_implementation"):
         yield previous
@@ -292,8 +319,11 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
                       f"{config.finetune}, {trainable / 1e6:.2f}M trainable, {precision}, "
                       f"steps {start.step}->{config.steps}")
     loop = _TrainingLoop(accelerator, objective, optimizer, scheduler, sampler, config, out, split,
-                         list((start.state or {}).get("curve", [])))
+                         list((start.state or {}).get("curve", [])), list((start.state or {}).get("growth", [])),
+                         partial(_held_out_metrics, spec=spec, val_eps=val_eps, determined=hindsight_val,
+                                 config=config))
     started = time.time()
+    loop.own_attention = getattr(_base_llm(model).config, "_attn_implementation", None)
     with _training_attention(model, config.train_attention, torch.cuda.is_available()) as attention:
         stopped = loop.run(start.step, stop_after, progress)
     if stopped is not None:
@@ -308,7 +338,7 @@ def train_grounding(spec, dataset, backbone: str, out, config: GroundingConfig |
                      "hindsight_train_episodes": len(hindsight_train) if config.hindsight_share else 0,
                      "final_running_loss": loop.running}
     return _finish(accelerator, objective, spec, (train_eps, val_eps, hindsight_val), config, out, split, metrics,
-                   loop.curve)
+                   loop.curve, loop.growth)
 
 
 def _optimization(accelerator, start: _Start, config: GroundingConfig):
@@ -327,13 +357,16 @@ class _TrainingLoop:
     """The optimisation steps of one session, with periodic checkpoints."""
 
     def __init__(self, accelerator, objective, optimizer, scheduler, sampler: ExampleSampler,
-                 config: GroundingConfig, out: Path, split: dict, curve: list[dict]):
+                 config: GroundingConfig, out: Path, split: dict, curve: list[dict], growth: list[dict],
+                 measure: Callable[[GroundedLM], dict]):
         self.accelerator, self.objective, self.optimizer, self.scheduler = accelerator, objective, optimizer, scheduler
         self.sampler, self.config, self.out, self.split = sampler, config, out, split
         self.model = accelerator.unwrap_model(objective).model
         self.running: dict[str, float] = {}
         self.tokens = 0  # non-padding tokens through the model in this process (for tokens/s)
         self.curve = curve  # the global batch's mean loss per step (every process holds it)
+        self.growth, self.measure = growth, measure  # held-out figures at config.measure_at
+        self.own_attention: str | None = None  # the backbone's kernel, which measuring (generation) uses
 
     def run(self, first_step: int, stop_after: int | None, progress: bool) -> int | None:
         """Steps ``first_step``..``config.steps``; returns the step a time-sliced session
@@ -353,6 +386,8 @@ class _TrainingLoop:
             self.curve.append({"step": step + 1, "loss": float(total) / config.micro_batches})
             bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in self.running.items()})
             done = step + 1
+            if done in config.measure_at:
+                self._measure(done)
             stopping = stop_after is not None and done >= stop_after and done < config.steps
             periodic = config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps
             if periodic or stopping:
@@ -360,13 +395,26 @@ class _TrainingLoop:
                     if accelerator.is_main_process:
                         save_training_checkpoint(self.out, done, self.model, self.optimizer, self.scheduler,
                                                  {"config": config.to_json(), "split": self.split,
-                                                  "curve": self.curve}, config.keep_checkpoints)
+                                                  "curve": self.curve, "growth": self.growth},
+                                                 config.keep_checkpoints)
             accelerator.wait_for_everyone()
             if stopping:
                 bar.close()
                 return done
         bar.close()
         return None
+
+    def _measure(self, step: int) -> None:
+        """The held-out figures of the model as it is after ``step``, with training's
+        random state and mode left as they were, so a measured run trains the same
+        weights as an unmeasured one."""
+        started = time.time()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), _attention(self.model, self.own_attention):
+            found = self.measure(self.model)
+        self.model.train()
+        self.growth.append({"step": step, **{k: found[k] for k in GROWTH_FIGURES if k in found},
+                            "eval_seconds": round(time.time() - started, 1)})
 
     def _micro_step(self, step: int, micro: int) -> float:
         """Forward and backward of micro-batch ``micro`` of the step's global batch; its loss."""
@@ -395,8 +443,19 @@ class _TrainingLoop:
         return value
 
 
+def _held_out_metrics(model: GroundedLM, *, spec, val_eps: list, determined: list, config: GroundingConfig) -> dict:
+    """Every held-out figure of ``model`` (empty without held-out episodes)."""
+    if not val_eps:
+        return {}
+    horizon = config.generation_max_steps or min(2 * config.max_trajectory_steps, spec.max_episode_steps)
+    return evaluate_grounding(model, spec, val_eps, bf16=_precision(config) == "bf16", seed=config.seed,
+                              window=config.max_trajectory_steps, horizon=horizon,
+                              batch_size=config.eval_batch_size, max_episodes=config.eval_episodes,
+                              max_new_tokens=config.explanation_max_tokens, determined=determined)
+
+
 def _finish(accelerator, objective, spec, episodes: tuple[list, list, list], config: GroundingConfig, out: Path,
-            split: dict, metrics: dict, curve: list[dict]) -> dict:
+            split: dict, metrics: dict, curve: list[dict], growth: list[dict]) -> dict:
     """Save the model, measure it on the held-out episodes, write the metrics and drop
     the checkpoints."""
     model = accelerator.unwrap_model(objective).model
@@ -410,18 +469,19 @@ def _finish(accelerator, objective, spec, episodes: tuple[list, list, list], con
     train_eps, val_eps, determined = episodes
     if val_eps:
         eval_started = time.time()
-        horizon = config.generation_max_steps or min(2 * config.max_trajectory_steps, spec.max_episode_steps)
-        metrics.update(evaluate_grounding(model, spec, val_eps, bf16=_precision(config) == "bf16",
-                                          seed=config.seed, window=config.max_trajectory_steps, horizon=horizon,
-                                          batch_size=config.eval_batch_size, max_episodes=config.eval_episodes,
-                                          max_new_tokens=config.explanation_max_tokens, determined=determined))
+        metrics.update(_held_out_metrics(model, spec=spec, val_eps=val_eps, determined=determined, config=config))
         metrics["eval_seconds"] = round(time.time() - eval_started, 1)
+        growth = [*growth, {"step": config.steps, **{k: metrics[k] for k in GROWTH_FIGURES if k in metrics},
+                            "eval_seconds": metrics["eval_seconds"]}]
+        metrics["growth"] = growth
         if config.dynamics_baseline_steps > 0:
             held_out = held_out_transitions(val_eps, HELD_OUT_TRANSITIONS, config.seed)  # dynamics_mse's
             metrics.update(mlp_dynamics_baseline(train_eps, held_out, spec.action_dim, spec.discrete,
                                                  config.dynamics_baseline_steps, config.seed))
     if accelerator.is_main_process:
         write_curve(out / CURVE_FILE, curve)
+        if growth:
+            write_curve(out / GROWTH_FILE, growth)
         write_json_atomic(out / "metrics.json", json_safe(metrics))
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return metrics
