@@ -52,6 +52,8 @@ class ReportInputs:
     curves: Mapping[str, Sequence[Mapping[str, float]]] = field(default_factory=dict)
     hallucination: Mapping[str, Mapping] = field(default_factory=dict)  # level -> imagine summary
     grounding: Mapping[str, float] = field(default_factory=dict)
+    # the grounding's held-out figures at several steps (GroundingConfig.measure_at)
+    grounding_growth: Sequence[Mapping[str, float]] = ()
     timings: Mapping[str, float] = field(default_factory=dict)
     showcases: Sequence[Showcase] = ()
     notes: Sequence[str] = ()
@@ -208,6 +210,47 @@ def grounding_table(metrics: Mapping[str, float]) -> str:
     return "\n".join(rows) + ("\n\n" + ", ".join(details) + "." if details else "")
 
 
+# growth columns: (metric, short label); percentages but for the dynamics error
+_GROWTH_COLUMNS = (("dynamics_median_l2", "dynamics median L2"),
+                   ("explanation_equivalent", "explanation, expert: same goal"),
+                   ("explanation_achieved", "explanation, expert: achieved"),
+                   ("determined_explanation_equivalent", "explanation, determined"),
+                   ("generation_success", "generation reaches goal"))
+
+
+def growth_table(growth: Sequence[Mapping[str, float]]) -> str:
+    """The grounding's held-out figures after each measured number of steps."""
+    columns = [(k, label) for k, label in _GROWTH_COLUMNS if any(k in row for row in growth)]
+    rows = ["| steps | " + " | ".join(label for _, label in columns) + " |",
+            "|---|" + "---|" * len(columns)]
+    for row in growth:
+        rows.append(f"| {row['step']:g} | " + " | ".join(_grounding_value(row, k) for k, _ in columns) + " |")
+    return "\n".join(rows)
+
+
+def _growth_plot(growth: Sequence[Mapping[str, float]], path: Path) -> None:
+    """Percent figures on the left axis, the dynamics error on the right, against steps."""
+    steps = [row["step"] for row in growth]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for key, label in _GROWTH_COLUMNS[1:]:
+        if all(key in row for row in growth):
+            ax.plot(steps, [100 * row[key] for row in growth], marker="o", label=label)
+    ax.set_xlabel("grounding step")
+    ax.set_ylabel("held-out share (%)")
+    ax.set_ylim(bottom=0)
+    if all("dynamics_median_l2" in row for row in growth):
+        right = ax.twinx()
+        right.plot(steps, [row["dynamics_median_l2"] for row in growth], color="k", ls="--", marker="s",
+                   label="dynamics median L2 (right)")
+        right.set_ylabel("dynamics median L2")
+        right.set_ylim(bottom=0)
+        right.legend(frameon=False, fontsize=7, loc="upper right")
+    ax.legend(frameon=False, fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _replay(replay: Mapping | None) -> str:
     """Kept rollouts whose actions, executed from the same start in the simulator, reach
     the goal (an audit of the imagined success labels)."""
@@ -320,6 +363,7 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
         hallucination={**{level: record(name)["summary"] for level, name in imagined.items()},
                        **{f"{level} (no LLM)": record(name)["summary"] for level, name in without_llm.items()}},
         grounding={k: v for k, v in record(names["ground"])["summary"].items() if isinstance(v, (int, float))},
+        grounding_growth=tuple(record(names["ground"])["summary"].get("growth") or ()),
         timings=_stage_times(record(name) for name in sorted(used)),
         showcases=showcases,
         notes=_notes(manifest, run_dir),
@@ -385,6 +429,8 @@ def render_report(out_dir: str | os.PathLike, inputs: ReportInputs) -> Path:
     if inputs.algorithms:
         _algorithm_plot(inputs, files / "algorithms.png")
     has_curves = _curve_plot(inputs, files / "curves.png")
+    if len(inputs.grounding_growth) > 1:
+        _growth_plot(inputs.grounding_growth, files / "growth.png")
     gifs = []
     for i, show in enumerate(inputs.showcases):
         shutil.copyfile(show.gif, files / f"showcase_{i}.gif")
@@ -413,6 +459,10 @@ def _markdown(inputs: ReportInputs, has_curves: bool, gifs: Sequence[tuple[str, 
                + ".", "", "![algorithms](report_files/algorithms.png)", ""]
     if inputs.grounding:
         md += ["## Grounding", "", grounding_table(inputs.grounding), ""]
+    if len(inputs.grounding_growth) > 1:
+        md += ["### How the grounding grows with steps", "", "The held-out figures above, measured on the same "
+               "episodes while the model trained.", "", growth_table(inputs.grounding_growth), "",
+               "![growth](report_files/growth.png)", ""]
     if inputs.hallucination:
         md += ["## Imagined rollouts", "", hallucination_table(inputs), "",
                "*Reach goal*: the task's predicate holds on an imagined state. *Reach goal on replay*: a generated "
@@ -464,6 +514,8 @@ def _markdown_to_html(text: str, title: str) -> str:
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.startswith("## "):
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("### "):
+            body.append(f"<h3>{html.escape(line[4:])}</h3>")
         elif line.startswith("!["):
             alt, src = line[2:].split("](", 1)
             body.append(f'<p><img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}"></p>')

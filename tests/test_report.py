@@ -30,6 +30,8 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
                                 "hallucination": {"transition_share": {"too_far": 0.1, "non_finite": 0.0}}}},
         grounding={"dynamics_mse": 0.004, "copy_baseline_mse": 0.006, "explanation_accuracy": 0.03,
                    "explanation_chance_among_achieved": 0.2, "generation_success": 0.06, "steps": 400},
+        grounding_growth=[{"step": 100, "dynamics_median_l2": 0.09, "generation_success": 0.02},
+                          {"step": 400, "dynamics_median_l2": 0.06, "generation_success": 0.06}],
         timings={"collect": 12.0},
         showcases=[Showcase("Push the red ball left", gif, True, False)],
         notes=["a note"],
@@ -42,8 +44,12 @@ def test_report_writes_markdown_html_plots_and_gifs(tmp_path):
     assert "| Dynamics: mean squared error of the next state | 0.004 | 0.006 (predicting no change) |" in text
     assert "| Explanation of held-out expert episodes: the exact task | 3.0 % | 20.0 % (a random pick" in text
     assert "reaches the goal in imagination | 6.0 % | – |" in text and "400 steps." in text
+    assert "| steps | dynamics median L2 | generation reaches goal |" in text
+    assert "| 100 | 0.09 | 2.0 % |" in text and "| 400 | 0.06 | 6.0 % |" in text
+    assert Image.open(out / "report_files" / "growth.png").size[0] > 300
     page = (out / "report.html").read_text()
     assert "<table>" in page and "showcase_0.gif" in page and "<h2>Imagined rollouts</h2>" in page
+    assert "<h3>How the grounding grows with steps</h3>" in page
     shown = Image.open(out / "report_files" / "showcase_0.gif")
     assert shown.n_frames == 3 and shown.size[0] > 2 * shown.size[1]
     assert Image.open(out / "report_files" / "success.png").size[0] > 300
