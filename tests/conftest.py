@@ -77,11 +77,11 @@ class ObservationHashPolicy:
 
         return act
 
-    def begin_batch(self, instructions, starts):
+    def begin_batch(self, instructions, starts, rngs=None):
         rows = [[] for _ in instructions]
         self.shown += rows
 
-        def act(observations):
+        def act(observations, running=None):
             for shown, obs in zip(rows, observations):
                 shown.append(np.array(obs, dtype=np.float64))
             return np.stack([np.asarray(self._act(obs)) for obs in observations])

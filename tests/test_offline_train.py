@@ -211,6 +211,22 @@ def test_sampled_evaluation_is_seeded_and_reproducible(trained, algo):
     assert outcomes(11) == outcomes(11)
 
 
+@pytest.mark.parametrize(("algo", "acting"), [("bc", {"temperature": 3.0}), ("bc", {}),
+                                              ("bc", {"temperature": 3.0, "epsilon": 0.3}), ("cql", {"epsilon": 0.3})])
+def test_lockstep_evaluation_acts_as_one_episode_at_a_time(trained, algo, acting):
+    class OneAtATime:  # the same policy without begin_batch: evaluation runs episodes alone
+        def __init__(self, policy):
+            self.name, self.begin = policy.name, policy.begin
+
+    levels = {"seen": SPEC.levels["seen"](0), "easy": SPEC.levels["easy"](0)}
+    policy = TrainedPolicy(trained / algo, **acting)
+    assert policy.batch_size > 1
+    together = evaluate(policy, SPEC, levels, episodes=24, seed=4, progress=False)["results"]
+    alone = evaluate(OneAtATime(policy), SPEC, levels, episodes=24, seed=4, progress=False)["results"]
+    assert [(r["success"], r["steps"]) for r in together] == [(r["success"], r["steps"]) for r in alone]
+    assert len({r["steps"] for r in alone}) > 1, "episodes that all end alike would not show a mix-up"
+
+
 @pytest.mark.parametrize("algo", ["cql", "bcq"])
 def test_q_learners_refuse_to_sample_but_act_epsilon_greedily(trained, algo):
     with pytest.raises(ValueError, match="only acts greedily"):

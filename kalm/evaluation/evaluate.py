@@ -104,6 +104,11 @@ def _result(planned: PlannedEpisode, success: bool, steps: int) -> EpisodeResult
                          task=task.to_json(), kind=task.kind, success=success, steps=steps)
 
 
+def _episode_rng(planned: PlannedEpisode) -> np.random.Generator:
+    """The generator a policy draws from in this episode (sampled actions, ε coins)."""
+    return np.random.default_rng(planned.reset_seeds[-1])
+
+
 def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode,
                 trajectory: list | None = None) -> EpisodeResult:
     """Run one planned episode until success, termination or the horizon; the
@@ -111,7 +116,7 @@ def run_episode(env, spec: EnvSpec, policy: EvalPolicy, planned: PlannedEpisode,
     obs = _reset_to_start(env, planned)
     record = trajectory.append if trajectory is not None else (lambda obs: None)
     record(obs)
-    act = policy.begin(env, planned.instruction, obs, np.random.default_rng(planned.reset_seeds[-1]))
+    act = policy.begin(env, planned.instruction, obs, _episode_rng(planned))
     success, steps = False, 0
     for steps in range(1, spec.max_episode_steps + 1):  # noqa: B007 - the count is read after the loop
         obs, _, terminated, truncated, info = env.step(act(obs))
@@ -132,12 +137,12 @@ def run_lockstep(envs: Sequence, spec: EnvSpec, policy: BatchEvalPolicy,
     if len(envs) != len(plans):
         raise ValueError(f"run_lockstep needs one env per episode, got {len(envs)} envs for {len(plans)} episodes")
     observations = np.stack([_reset_to_start(env, planned) for env, planned in zip(envs, plans)])
-    act = policy.begin_batch([p.instruction for p in plans], observations)
+    act = policy.begin_batch([p.instruction for p in plans], observations, [_episode_rng(p) for p in plans])
     running = np.ones(len(plans), dtype=bool)
     success = np.zeros(len(plans), dtype=bool)
     steps = np.zeros(len(plans), dtype=np.int64)
     for step in range(1, spec.max_episode_steps + 1):
-        actions = act(observations)
+        actions = act(observations, running)
         for i in np.flatnonzero(running):
             obs, _, terminated, truncated, info = envs[i].step(actions[i])
             observations[i], steps[i] = obs, step

@@ -35,12 +35,20 @@ class EvalPolicy(Protocol):
 
 class BatchEvalPolicy(EvalPolicy, Protocol):
     """A policy that can also act for ``batch_size`` episodes at once (evaluation then
-    steps that many episodes together): ``begin_batch(instructions, starts)`` returns
-    the function from the batch's observations to its actions."""
+    steps that many episodes together): ``begin_batch(instructions, starts, rngs)``
+    (``rngs``: the generator each episode's ``begin`` would get) returns the function
+    from the batch's observations and its mask of still-running episodes to its actions
+    (the rows of ended episodes are not used)."""
 
     batch_size: int
 
-    def begin_batch(self, instructions: Sequence[Instruction], starts: np.ndarray) -> Callable[[np.ndarray], Any]: ...
+    def begin_batch(self, instructions: Sequence[Instruction], starts: np.ndarray,
+                    rngs: Sequence[np.random.Generator] | None = None) -> Callable[..., Any]: ...
+
+
+# Episodes a trained policy acts for at once in evaluation: one network call per step
+# instead of one per episode (a quarter of a BC policy's evaluation time on a CPU core)
+LOCKSTEP_EPISODES = 64
 
 
 class TrainedPolicy:
@@ -88,6 +96,44 @@ class TrainedPolicy:
 
         return act_or_explore if self.policy.is_sequence_model else (
             lambda obs: explore(obs) if rng.random() < epsilon else act(obs))
+
+    @property
+    def batch_size(self) -> int:
+        """A policy of the current state alone acts for many episodes at once; a sequence
+        model acts on its own episode's history, one episode at a time."""
+        return 1 if self.policy.is_sequence_model else LOCKSTEP_EPISODES
+
+    def begin_batch(self, instructions: Sequence[Instruction], starts: np.ndarray,
+                    rngs: Sequence[np.random.Generator] | None = None) -> Callable[..., np.ndarray]:
+        """Act for several episodes with one network call per step. Each episode draws
+        from its own generator in the order :meth:`begin` would (the ε coin, then the
+        random or sampled action), so it acts as it would alone."""
+        rngs = list(rngs) if rngs is not None else [np.random.default_rng() for _ in instructions]
+        embeddings = np.stack([self.policy.embed(ins.text) for ins in instructions])
+        explore = [self._random.begin(None, ins, start, rng) for ins, start, rng in zip(instructions, starts, rngs)]
+        epsilon, temperature, discrete = self.epsilon, self.temperature, self.policy.discrete
+
+        def act(observations: np.ndarray, running: np.ndarray | None = None) -> np.ndarray:
+            observations = np.asarray(observations)
+            rows = np.arange(len(rngs)) if running is None else np.flatnonzero(running)
+            if temperature > 0:
+                chosen = self.policy.action_probabilities(observations[rows], embeddings[rows], temperature)
+            else:
+                chosen = self.policy.act_batch(observations[rows], embeddings[rows])
+            actions = (np.zeros(len(rngs), np.int64) if discrete
+                       else np.zeros((len(rngs), *np.shape(chosen)[1:]), np.float32))
+            for j, i in enumerate(rows):
+                rng = rngs[i]
+                if epsilon and rng.random() < epsilon:
+                    actions[i] = explore[i](observations[i])
+                elif temperature > 0:
+                    probs = chosen[j]
+                    actions[i] = int(rng.choice(len(probs), p=probs / probs.sum()))
+                else:
+                    actions[i] = chosen[j]
+            return actions
+
+        return act
 
 
 class RandomPolicy:

@@ -37,12 +37,13 @@ class LLMPolicy:
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
 
-    def begin_batch(self, instructions: Sequence[Instruction],
-                    starts: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def begin_batch(self, instructions: Sequence[Instruction], starts: np.ndarray,
+                    rngs: Sequence[np.random.Generator] | None = None) -> Callable[..., np.ndarray]:
         """Prefill one prompt per episode; the returned function maps the batch's
         current observations ``(B, obs_dim)`` to its actions (``(B,)`` discrete,
         ``(B, action_dim)`` continuous). Rows whose episode has ended may be fed any
-        observation: their actions are not used."""
+        observation: their actions are not used. Greedy, so ``rngs`` and the running
+        mask are not needed (every row keeps its place in the KV cache)."""
         model, device = self.model, self.device
         with torch.no_grad():
             # Every row prefills its own prompt, as ``begin`` does alone (no shared prefill
@@ -53,7 +54,7 @@ class LLMPolicy:
         first = True
 
         @torch.no_grad()
-        def act(observations: np.ndarray) -> np.ndarray:
+        def act(observations: np.ndarray, running: np.ndarray | None = None) -> np.ndarray:
             nonlocal first, hidden
             if not first:
                 states = torch.as_tensor(np.asarray(observations, dtype=np.float32), device=device)
