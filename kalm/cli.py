@@ -58,22 +58,25 @@ def collect(
     epsilon: float = typer.Option(0.0, help="Share of random actions taken by the expert."),
     reward: str = typer.Option("sparse", help="Reward labelling (a name in the env's rewards: sparse, shaped)."),
     chunk_size: int = typer.Option(200, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
+    workers: int = typer.Option(0, help="Processes collecting shards at once (0: the idle cores); the file is the "
+                                        "same."),
 ) -> None:
     """Collect scripted-expert episodes on the training tasks (resumable)."""
     from kalm.data.collect import CollectConfig
 
     config = CollectConfig(episodes=episodes, seed=seed, epsilon=epsilon, reward=reward, chunk_size=chunk_size)
-    _collect(env, config, out, f"collect {env}")
+    _collect(env, config, out, f"collect {env}", workers)
 
 
-def _collect(env: str, config, out: Path, desc: str) -> None:
+def _collect(env: str, config, out: Path, desc: str, workers: int = 0) -> None:
     """Write the episodes of ``config`` (an episode source) to ``out`` and summarise them."""
     try:
         from kalm.data.collect import collect_to_file
         from kalm.data.summary import summarize
         from kalm.envs import get_spec
+        from kalm.threads import free_cores
 
-        dataset = collect_to_file(get_spec(env), config, out, desc=desc)
+        dataset = collect_to_file(get_spec(env), config, out, desc=desc, workers=workers or free_cores())
     except (ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"wrote {out}")

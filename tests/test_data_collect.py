@@ -118,3 +118,17 @@ def test_killed_collection_resumes_to_the_same_dataset(small, tmp_path: Path, mo
         assert a.instruction == b.instruction
     assert calls == [4], "only the missing chunk is collected again"
     assert len(resumed) == 6 and loaded.metadata["seed"] == 3
+
+
+def test_worker_processes_write_the_one_process_file(small, tmp_path: Path) -> None:
+    config = CollectConfig(episodes=6, seed=3, chunk_size=2)
+    collect_to_file(SPEC, config, tmp_path / "one.h5", progress=False)
+    collect_to_file(SPEC, config, tmp_path / "two.h5", progress=False, workers=2)
+    one, two = load_episodes(tmp_path / "one.h5"), load_episodes(tmp_path / "two.h5")
+    assert len(two) == 6 and not partial_dir(tmp_path / "two.h5").exists()
+    for a, b in zip(one.episodes, two.episodes, strict=True):
+        np.testing.assert_array_equal(a.observations, b.observations)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        assert a.instruction == b.instruction
+    assert {k: v for k, v in one.metadata.items() if k != "created_utc"} == {
+        k: v for k, v in two.metadata.items() if k != "created_utc"}

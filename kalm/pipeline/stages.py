@@ -42,7 +42,7 @@ def _as_json(obj) -> dict:
 
 def collect_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) -> StageOutput:
     def build(work: Path):
-        dataset = collect_to_file(spec, config.collect, work / "real.h5")
+        dataset = collect_to_file(spec, config.collect, work / "real.h5", workers=free_cores())
         return {"episodes": len(dataset.episodes), "success_rate": dataset.success_rate}
 
     return cache.run("collect", {"env": spec.name, "collect": _as_json(config.collect)}, build,
@@ -55,7 +55,8 @@ def hindsight_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig) ->
         return None
 
     def build(work: Path):
-        dataset = collect_to_file(spec, config.hindsight, work / "hindsight.h5", desc=f"hindsight {spec.name}")
+        dataset = collect_to_file(spec, config.hindsight, work / "hindsight.h5", desc=f"hindsight {spec.name}",
+                                  workers=free_cores())
         lengths = [ep.length for ep in dataset.episodes]
         return {"episodes": len(lengths), "mean_length": sum(lengths) / len(lengths)}
 
