@@ -195,6 +195,8 @@ def ground(
                                               "explanation where the answer is determined."),
     hindsight_share: float = typer.Option(None, help="Share of training examples drawn from --hindsight "
                                                      "(default: GroundingConfig's, 0)."),
+    measure_at: str = typer.Option(None, help="Comma-separated steps at which the held-out figures are also "
+                                              "measured while training (growth.csv), e.g. 100,200."),
 ) -> None:
     """Ground an LLM on episodes: dynamics, explanation, generation and goal prediction."""
     try:
@@ -217,7 +219,8 @@ def ground(
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "num_threads": threads,
-                     "hindsight_share": hindsight_share, "micro_batches": micro_batches}
+                     "hindsight_share": hindsight_share, "micro_batches": micro_batches,
+                     "measure_at": None if measure_at is None else _steps_list(measure_at)}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         extra = load_episodes(hindsight, spec) if hindsight else None
         metrics = train_grounding(spec, load_episodes(data, spec), llm, out, config, resume=resume, hindsight=extra)
@@ -225,6 +228,13 @@ def ground(
         _fail(exc)
     typer.echo(json.dumps({k: v for k, v in metrics.items() if not k.endswith("explanation_samples")}, indent=2))
     typer.echo(f"wrote {out / 'model'} and {out / 'metrics.json'}")
+
+
+def _steps_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--measure-at takes comma-separated step numbers, got {text!r}") from None
 
 
 @app.command()

@@ -668,3 +668,12 @@ def test_the_scan_catches_each_unsafe_loader(snippet):
 ])
 def test_the_scan_accepts_safe_loaders(snippet):
     assert unsafe_calls(snippet) == []
+
+
+@pytest.mark.parametrize(("value", "says"), [("100,x", "comma-separated step numbers"),
+                                             ("5,50", "measure_at step 50")])
+def test_ground_refuses_growth_steps_it_cannot_measure(tmp_path, good_data, value, says):
+    out = tmp_path / "g"
+    refused("ground", "--data", good_data, "--out", out, "--steps", 10, "--measure-at", value, names=value.split(",")[-1],
+            says=says)
+    assert not out.exists()
