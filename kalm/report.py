@@ -61,6 +61,7 @@ class ReportInputs:
     # compared several offline-RL algorithms on the same data
     algorithms: Mapping[str, Mapping[str, Mapping[str, LevelResult]]] = field(default_factory=dict)
     acting: Mapping[str, str] = field(default_factory=dict)  # algorithm -> how its policies act
+    llm_acting: str = "greedy"  # how the LLM acts as a policy
 
 
 def _pct(x: float) -> str:
@@ -112,7 +113,8 @@ def algorithm_table(inputs: ReportInputs) -> str:
                         + " | ".join(cells) + " |")
     llm = inputs.results.get(METHOD_LABELS["llm-policy"])
     if llm:
-        rows.append("| LLM as policy | greedy | – | " + " | ".join(_cell(llm.get(level)) for level in LEVELS) + " |")
+        rows.append(f"| LLM as policy | {inputs.llm_acting} | – | "
+                    + " | ".join(_cell(llm.get(level)) for level in LEVELS) + " |")
     return "\n".join(rows)
 
 
@@ -369,6 +371,7 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
         notes=_notes(manifest, run_dir),
         algorithms=algorithms,
         acting={algo: _acting_label(how) for algo, how in (manifest.get("acting") or {}).items()},
+        llm_acting=_acting_label(manifest.get("llm_policy_acting") or {}),
     )
 
 
@@ -404,9 +407,9 @@ def _acting(manifest: Mapping) -> str:
     one_for_all = {manifest.get("algo", "bc"): {"temperature": manifest.get("eval_temperature", 0)}}
     acting = manifest.get("acting") or one_for_all
     ways = "; ".join(f"{ALGO_LABELS.get(algo, algo)} {_acting_label(how)}" for algo, how in acting.items())
+    llm = _acting_label(manifest.get("llm_policy_acting") or {})
     return (f"How trained policies act, the same for every method's policy of an algorithm: {ways} (sampled: drawn "
-            "from the policy's own action distribution; ε: that share of random actions). The LLM policy acts "
-            "greedily.")
+            f"from the policy's own action distribution; ε: that share of random actions). The LLM policy: {llm}.")
 
 
 def _notes(manifest: Mapping, run_dir: Path) -> list[str]:

@@ -316,6 +316,29 @@ def test_llm_policy_in_a_batch_acts_as_it_does_alone(tiny_model):
     assert len({tuple(row) for row in alone}) > 1, "rows that all act alike would not show a mix-up"
 
 
+def test_sampling_llm_policy_draws_per_episode_and_acts_alike_in_a_batch(tiny_model):
+    from kalm.evaluation.evaluate import evaluate
+    from kalm.imagine.llm_policy import LLMPolicy
+
+    class OneAtATime:  # the same policy without begin_batch: evaluation runs its episodes alone
+        def __init__(self, policy):
+            self.name, self.begin = policy.name, policy.begin
+
+    spec = get_spec("clevr")
+    levels = {"seen": spec.levels["seen"](0)}
+
+    def steps(policy, seed=2):
+        return [(r["success"], r["steps"]) for r in evaluate(policy, spec, levels, 8, seed, progress=False)["results"]]
+
+    sampled = LLMPolicy(tiny_model, batch_size=3, temperature=3.0)
+    assert sampled.name == "llm-policy@T3"
+    assert steps(sampled) == steps(OneAtATime(sampled)) == steps(LLMPolicy(tiny_model, temperature=3.0))
+    greedy = steps(LLMPolicy(tiny_model, batch_size=3))
+    assert steps(sampled) != greedy and steps(sampled, seed=3) != steps(sampled)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        LLMPolicy(tiny_model, temperature=-1.0)
+
+
 def test_imagine_command_writes_a_dataset_and_its_statistics(tiny_model, tmp_path):
     from typer.testing import CliRunner
 

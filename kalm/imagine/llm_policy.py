@@ -3,7 +3,10 @@
 The reference baseline that KALM is compared with. Each episode prefills the
 generation prompt (instruction + the real start state) once, then alternates: read the
 action at the current state's position, execute it in the simulator, feed the action
-and the *real* next state back through the KV cache. Actions are greedy.
+and the *real* next state back through the KV cache. Actions are greedy, or with a
+``temperature`` drawn from the action head's distribution (discrete actions) with the
+episode's own generator, the way the offline-RL policies act in ``kalm run``: greedy, a
+push into a wall sees the same state and repeats until the horizon.
 
 Episodes run in lockstep batches (:meth:`LLMPolicy.begin_batch`, driven by
 :func:`kalm.evaluation.evaluate.evaluate`): one forward pass per token serves every
@@ -30,20 +33,30 @@ class LLMPolicy:
 
     name = "llm-policy"
 
-    def __init__(self, model, batch_size: int = 64):
+    def __init__(self, model, batch_size: int = 64, temperature: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+        if temperature > 0 and not model.config.discrete:
+            raise ValueError("the LLM policy samples discrete actions only; continuous actions are greedy "
+                             "(temperature 0)")
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.batch_size = batch_size
+        self.batch_size, self.temperature = batch_size, temperature
+        if temperature > 0:
+            self.name = f"llm-policy@T{temperature:g}"
 
     def begin_batch(self, instructions: Sequence[Instruction], starts: np.ndarray,
                     rngs: Sequence[np.random.Generator] | None = None) -> Callable[..., np.ndarray]:
         """Prefill one prompt per episode; the returned function maps the batch's
         current observations ``(B, obs_dim)`` to its actions (``(B,)`` discrete,
         ``(B, action_dim)`` continuous). Rows whose episode has ended may be fed any
-        observation: their actions are not used. Greedy, so ``rngs`` and the running
-        mask are not needed (every row keeps its place in the KV cache)."""
+        observation: their actions are not used (every row keeps its place in the KV
+        cache). Sampled actions are drawn for the running rows, each from its
+        episode's generator in ``rngs``."""
+        if self.temperature > 0 and rngs is None:
+            raise ValueError("a sampling LLM policy needs one generator per episode")
         model, device = self.model, self.device
         with torch.no_grad():
             # Every row prefills its own prompt, as ``begin`` does alone (no shared prefill
@@ -62,14 +75,26 @@ class LLMPolicy:
             first = False
             out = model.predict_action(hidden)
             action = out.argmax(-1) if model.config.discrete else out
+            if self.temperature > 0:
+                action = self._sample(out, action, running, rngs)
             seq.feed(model.embed_actions(action), use_cache=True)
             values = action.cpu().numpy()
             return values if model.config.discrete else values.astype(np.float32)
 
         return act
 
+    def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, running: np.ndarray | None,
+                rngs: Sequence[np.random.Generator]) -> torch.Tensor:
+        """The running rows' actions drawn from ``softmax(logits / temperature)``, as
+        :class:`kalm.evaluation.policies.TrainedPolicy` draws them."""
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1).numpy().astype(np.float64)
+        action = greedy.clone()
+        for i in np.flatnonzero(running) if running is not None else range(len(rngs)):
+            action[i] = int(rngs[i].choice(probs.shape[1], p=probs[i] / probs[i].sum()))
+        return action
+
     def begin(self, env: gym.Env, instruction: Instruction, start: np.ndarray, rng: np.random.Generator):
-        act_batch = self.begin_batch([instruction], np.asarray(start, dtype=np.float32)[None])
+        act_batch = self.begin_batch([instruction], np.asarray(start, dtype=np.float32)[None], [rng])
 
         def act(obs: np.ndarray):
             value = act_batch(np.asarray(obs, dtype=np.float32)[None])[0]

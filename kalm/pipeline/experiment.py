@@ -169,6 +169,13 @@ def train_config_for(config: PipelineConfig, algo: str | None = None) -> TrainCo
     return replace(config.train, algo=algo, batch_size=None, learning_rate=None)
 
 
+def llm_policy_acting(config: PipelineConfig, spec: EnvSpec) -> dict[str, float]:
+    """How the grounded LLM acts as a policy: like the BC policies, sampling at
+    ``eval_temperature`` (discrete actions; continuous ones are greedy), so the rows
+    compare the policies rather than two ways of acting."""
+    return {"temperature": float(config.eval_temperature) if spec.discrete else 0.0}
+
+
 def acting_for(config: PipelineConfig, spec: EnvSpec, algo: str | None = None) -> dict[str, float]:
     """How a trained ``algo`` policy acts in evaluation, as ``TrainedPolicy`` keyword
     arguments: sampling at ``eval_temperature`` where it has an action distribution;

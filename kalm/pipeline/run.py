@@ -19,7 +19,7 @@ from pathlib import Path
 from kalm.files import write_json_atomic
 from kalm.parallel import is_main_process
 from kalm.pipeline.cache import RunLock, StageCache
-from kalm.pipeline.experiment import PipelineConfig, acting_for, check_config
+from kalm.pipeline.experiment import PipelineConfig, acting_for, check_config, llm_policy_acting
 from kalm.pipeline.stages import (
     GroundedModel,
     collect_stage,
@@ -82,6 +82,7 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
             "eval_temperature": config.eval_temperature,
             "acting": {algo: acting_for(config, spec, algo) for algo in (config.train.algo, *config.algos)},
             "llm_policy_episodes": config.llm_policy_episodes,
+            "llm_policy_acting": llm_policy_acting(config, spec),
             "grounded_model": config.grounded_model,
             "stages": {
                 "collect": real.path.name,

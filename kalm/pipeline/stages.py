@@ -24,7 +24,7 @@ from kalm.evaluation.policies import TrainedPolicy
 from kalm.files import read_json
 from kalm.parallel import is_main_process, process_group, shard, wait_for_everyone
 from kalm.pipeline.cache import StageCache, StageOutput, directory_digest
-from kalm.pipeline.experiment import PipelineConfig, acting_for, train_config_for
+from kalm.pipeline.experiment import PipelineConfig, acting_for, llm_policy_acting, train_config_for
 from kalm.threads import free_cores, set_torch_threads
 
 # Settings that change how fast grounding runs, not what it produces: not in its key.
@@ -235,12 +235,13 @@ def llm_policy_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, m
     def make_policy():
         from kalm.imagine.llm_policy import LLMPolicy
 
-        return LLMPolicy(model.get())
+        return LLMPolicy(model.get(), **acting)
 
     precision = config.imagine.precision
+    acting = llm_policy_acting(config, spec)
     return evaluate_stage(cache, spec, "llm-policy", make_policy, config.llm_policy_episodes, config.eval_seed,
                           {"model": model.stage.key, "precision": precision},
-                          ["kalm.imagine.llm_policy", "kalm.grounding.checkpoint"], scope="collective")
+                          ["kalm.imagine.llm_policy", "kalm.grounding.checkpoint"], acting=acting, scope="collective")
 
 
 def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, real: StageOutput,
