@@ -72,6 +72,7 @@ from kalm.threads import set_torch_threads
 # step, mean loss of the step's global batch; checkpoints carry the curve so far
 CURVE_FILE = "loss_curve.csv"
 # the held-out figures at each step of ``GroundingConfig.measure_at`` and at the end
+# (written when measure_at names any step)
 GROWTH_FILE = "growth.csv"
 # what a growth row keeps of evaluate_grounding's metrics: one number per figure
 GROWTH_FIGURES = ("dynamics_median_l2", "explanation_accuracy", "explanation_equivalent", "explanation_achieved",
@@ -471,9 +472,10 @@ def _finish(accelerator, objective, spec, episodes: tuple[list, list, list], con
         eval_started = time.time()
         metrics.update(_held_out_metrics(model, spec=spec, val_eps=val_eps, determined=determined, config=config))
         metrics["eval_seconds"] = round(time.time() - eval_started, 1)
-        growth = [*growth, {"step": config.steps, **{k: metrics[k] for k in GROWTH_FIGURES if k in metrics},
-                            "eval_seconds": metrics["eval_seconds"]}]
-        metrics["growth"] = growth
+        if config.measure_at:
+            growth = [*growth, {"step": config.steps, **{k: metrics[k] for k in GROWTH_FIGURES if k in metrics},
+                                "eval_seconds": metrics["eval_seconds"]}]
+            metrics["growth"] = growth
         if config.dynamics_baseline_steps > 0:
             held_out = held_out_transitions(val_eps, HELD_OUT_TRANSITIONS, config.seed)  # dynamics_mse's
             metrics.update(mlp_dynamics_baseline(train_eps, held_out, spec.action_dim, spec.discrete,
