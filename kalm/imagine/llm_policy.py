@@ -3,10 +3,10 @@
 The reference baseline that KALM is compared with. Each episode prefills the
 generation prompt (instruction + the real start state) once, then alternates: read the
 action at the current state's position, execute it in the simulator, feed the action
-and the *real* next state back through the KV cache. Actions are greedy, or with a
-``temperature`` drawn from the action head's distribution (discrete actions) with the
-episode's own generator, the way the offline-RL policies act in ``kalm run``: greedy, a
-push into a wall sees the same state and repeats until the horizon.
+and the *real* next state back through the KV cache. Actions are greedy or, given a
+``temperature``, drawn from the action head's distribution (discrete actions) with the
+episode's own generator, as ``kalm run`` has the offline-RL policies act: a greedy push
+into a wall sees the same state again and repeats until the horizon.
 
 Episodes run in lockstep batches (:meth:`LLMPolicy.begin_batch`, driven by
 :func:`kalm.evaluation.evaluate.evaluate`): one forward pass per token serves every
