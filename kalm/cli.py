@@ -58,7 +58,7 @@ def collect(
     epsilon: float = typer.Option(0.0, help="Share of random actions taken by the expert."),
     reward: str = typer.Option("sparse", help="Reward labelling (a name in the env's rewards: sparse, shaped)."),
     chunk_size: int = typer.Option(200, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
-    workers: int = typer.Option(0, help="Processes collecting shards at once (0: the idle cores); the file is the "
+    workers: int = typer.Option(1, help="Processes collecting shards at once (0: the idle cores); the file is the "
                                         "same."),
 ) -> None:
     """Collect scripted-expert episodes on the training tasks (resumable)."""
@@ -68,7 +68,7 @@ def collect(
     _collect(env, config, out, f"collect {env}", workers)
 
 
-def _collect(env: str, config, out: Path, desc: str, workers: int = 0) -> None:
+def _collect(env: str, config, out: Path, desc: str, workers: int = 1) -> None:
     """Write the episodes of ``config`` (an episode source) to ``out`` and summarise them."""
     try:
         from kalm.data.collect import collect_to_file
