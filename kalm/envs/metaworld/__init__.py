@@ -1,4 +1,4 @@
-"""Meta-World (metaworld 3.x): ten MT10 skills with a 7-DoF Sawyer arm, continuous actions.
+"""Meta-World (metaworld 3.x): KALM's task split on a 7-DoF Sawyer arm, continuous actions.
 
 Needs the optional ``metaworld`` package (``pip install 'kalm[metaworld]'``); importing
 this package without it raises an ImportError that names the extra. Tasks, levels and

@@ -1,7 +1,7 @@
-"""The Meta-World MT10 skills behind one Gymnasium environment.
+"""Meta-World's skills behind one Gymnasium environment.
 
 One :class:`MetaWorldEnv` holds one package environment per skill (built on first
-use; each is its own MuJoCo scene), and ``reset(options={"task": ...})`` picks the
+use; each is its own MuJoCo scene, :mod:`~kalm.envs.metaworld.scenes`), and ``reset(options={"task": ...})`` picks the
 scene the task needs. Observations are the package's 39-d goal-observable vector (see
 :mod:`kalm.envs.metaworld.tasks`), actions its ``Box(-1, 1, (4,))`` (hand xyz delta and
 gripper effort), ``info["success"]`` its own success flag (for ``then_home`` also the
@@ -9,8 +9,9 @@ hand back home).
 
 Choices:
 
-- Horizon: 150 steps (200 for ``then_home``), not the package's 500. The scripted
-  experts need 45-125 steps (peg insertion the most), KALM used 100, and every step is
+- Horizon: 150 steps (200 for ``then_home`` and the compositions), not the package's
+  500. The scripted experts need 40-125 steps (peg insertion the most, the
+  compositions 70-170), KALM used 100, and every step is
   CPU time in collection and evaluation on a 2-core machine.
 - Goals are observable (``_partially_observable = False``), as in KALM's
   ``*-goal-observable`` envs; the scripted policies read the goal from the observation.
@@ -20,6 +21,8 @@ Choices:
   own ``set_task`` fixes goals.
 - An episode ends (terminated) on success, like the other kalm environments.
 - Without a task, ``reset`` picks a random training skill.
+- Every scene's collision and joint settings are the package's; the two composed
+  scenes change only what their module says.
 """
 
 from __future__ import annotations
@@ -37,17 +40,18 @@ import numpy as np
 
 try:
     import metaworld  # noqa: F401
-    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "the Meta-World environment needs the 'metaworld' package: pip install 'kalm[metaworld]'"
     ) from exc
 
 from kalm.envs.metaworld.render import render_schematic
+from kalm.envs.metaworld.scenes import scene_class
 from kalm.envs.metaworld.tasks import (
     REGIONS,
     RELOCATABLE,
     SKILLS,
+    TRAINING_SKILLS,
     Relocated,
     Skill,
     ThenHome,
@@ -64,16 +68,12 @@ MAX_EPISODE_STEPS = task_horizon(ThenHome("push"), SKILL_HORIZON)
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
 
-def package_name(skill: str) -> str:
-    return f"{skill}-v3"
-
-
 def build_package_env(skill: str):
-    """The package's environment for a skill, goal-observable, with seeded random resets
+    """The environment of a skill's scene, goal-observable, with seeded random resets
     (what ``metaworld.env_dict._create_observable_goal_envs`` does, minus the frozen goal)."""
     if skill not in SKILLS:
         raise ValueError(f"unknown skill {skill!r} (expected one of {', '.join(SKILLS)})")
-    env = ALL_V3_ENVIRONMENTS[package_name(skill)]()
+    env = scene_class(skill)()
     env._partially_observable = False
     if skill in RELOCATABLE:
         # The package clips observations to its goal space, so a goal outside the
@@ -92,7 +92,7 @@ def build_package_env(skill: str):
 
 
 class MetaWorldEnv(gym.Env):
-    """MT10 skills, relocated goals and skill-then-home sequences (see the module docs)."""
+    """Skills, relocated goals and skill-then-home sequences (see the module docs)."""
 
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 20}
 
@@ -132,7 +132,7 @@ class MetaWorldEnv(gym.Env):
         if isinstance(task, Mapping):
             task = parse_task(task)
         elif task is None:
-            task = Skill(SKILLS[int(self.np_random.integers(len(SKILLS)))])
+            task = Skill(TRAINING_SKILLS[int(self.np_random.integers(len(TRAINING_SKILLS)))])
         elif not isinstance(task, (Skill, Relocated, ThenHome)):
             raise TaskSpecError(f"options['task'] must be a Meta-World task or its JSON form, got {task!r}")
         self.task = task

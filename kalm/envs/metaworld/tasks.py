@@ -5,34 +5,48 @@ The state is the package's goal-observable observation (metaworld 3.x, ``*-v3``)
 ====== =============================================================
 0:3    hand (end-effector body) xyz
 3      gripper opening, 0 (closed) .. 1 (open)
-4:7    object 1 position (puck, door handle, drawer handle, button top, peg, window handle)
-7:11   object 1 quaternion (scipy order x, y, z, w; zeros where the package reports none)
-11:18  object 2 (pos + quat; all zeros in the MT10 skills)
+4:7    object 1 position (puck, mug, ball, handle, button tip, lock, hammer, ...)
+7:11   object 1 quaternion (as the package reports it: scipy order x, y, z, w for
+       free bodies, MuJoCo's w, x, y, z for others, zeros where it reports none)
+11:18  object 2 (pos + quat): the nail in hammer, the coffee button in make-coffee,
+       the lock in locked-door-open; zeros elsewhere
 18:36  the same 18 numbers one step earlier
 36:39  the goal position
 ====== =============================================================
 
 Task kinds:
 
-- ``skill(name)``: one of the ten MT10 skills, goal drawn by the package (training).
+- ``skill(name)``: one package skill with the goal the package draws. KALM's split
+  (reference section 4.1) makes the levels: ten training skills (``TRAINING_SKILLS``);
+  unseen-easy: reach / push / pick-place / button-press with a wall in the way and
+  door-lock, door-close, window-close, faucet-close (``EASY_SKILLS``); unseen-hard:
+  hammer, soccer and the compositions make-coffee (coffee-push then coffee-button)
+  and locked-door-open (door-unlock then door-open), each in one scene
+  (:mod:`kalm.envs.metaworld.scenes`). Four more MT10 skills are tasks too.
 - ``relocated(skill, region)``: reach / push / pick-place with the goal placed in a
   region the package's sampler never uses (``left``, ``right``, ``near`` the robot);
   the package itself sets goals this way (``set_task`` freezes a chosen ``rand_vec``).
-  Unseen-easy level.
 - ``then_home(skill)``: do a skill, then bring the hand back to where it started (the
-  ``reach`` skill aimed at the start position), in the same scene. Unseen-hard level.
+  ``reach`` skill aimed at the start position), in the same scene.
+
+The last two are novel task sets of our own from before KALM's split was adopted; they
+are no level, but any task file can name them (``kalm evaluate --tasks``).
 
 Predicates are the package's success tests, rewritten over the state so they can judge
-imagined states with no simulator behind them. Exact (same formula, same numbers as the
-package computes from the same observation): push, pick-place, door-open, drawer-open,
-drawer-close, button-press-topdown, window-open, window-close. Approximations:
+imagined states with no simulator behind them; ``tests/test_metaworld.py`` checks each
+against the package's own flag on expert and random rollouts. Approximations:
 
-- ``reach``: the package measures the fingertip centre (``tcp_center``), which is not in
-  the state; it is taken as the hand position plus a fixed offset measured on expert
-  rollouts (``TCP_OFFSET``; the true offset varies by up to 5 mm with the finger opening).
+- ``reach`` / ``reach-wall``: the package measures the fingertip centre
+  (``tcp_center``), which is not in the state; it is taken as the hand position plus a
+  fixed offset measured on expert rollouts (``TCP_OFFSET``; the true offset varies by
+  up to 5 mm with the finger opening).
 - ``peg-insert-side``: the package measures the peg *head*; the state holds the peg's
   grasp point and orientation, so the head is reconstructed by rotating the rigid
   offset ``PEG_HEAD_OFFSET`` (measured, constant to 1e-15) by the state's quaternion.
+- ``hammer``: the package reads the nail's slide joint; the state holds the nail's
+  position, which moves with that joint one to one along y.
+- ``locked-door-open``: "unlocked" is the lock's angle relative to the door, read from
+  the two orientations in the state.
 """
 
 from __future__ import annotations
@@ -43,20 +57,24 @@ from typing import Any
 
 import numpy as np
 
+from kalm.envs.metaworld.scenes import BUTTON_TOLERANCE, BUTTON_TRAVEL, DOOR_OPEN_TOLERANCE, UNLOCKED_ANGLE
 from kalm.envs.spec import Task, TaskSpecError, task_kind_fields
 
-SKILLS: tuple[str, ...] = (
-    "reach",
-    "push",
-    "pick-place",
-    "door-open",
-    "drawer-open",
-    "drawer-close",
-    "button-press-topdown",
-    "peg-insert-side",
-    "window-open",
-    "window-close",
+# KALM's split (reference section 4.1): ten training skills; unseen-easy = the four
+# training skills with a wall in the way and four reverse skills; unseen-hard = two new
+# single skills and two compositions of training skills in one scene (scenes.py).
+TRAINING_SKILLS: tuple[str, ...] = (
+    "reach", "push", "pick-place", "button-press", "door-unlock",
+    "door-open", "window-open", "faucet-open", "coffee-push", "coffee-button",
 )
+EASY_SKILLS: tuple[str, ...] = (
+    "reach-wall", "push-wall", "pick-place-wall", "button-press-wall",
+    "door-lock", "door-close", "window-close", "faucet-close",
+)
+HARD_SKILLS: tuple[str, ...] = ("make-coffee", "locked-door-open", "hammer", "soccer")
+# MT10 skills outside KALM's split, kept as tasks (``then_home`` uses two of them).
+OTHER_SKILLS: tuple[str, ...] = ("drawer-open", "drawer-close", "button-press-topdown", "peg-insert-side")
+SKILLS: tuple[str, ...] = TRAINING_SKILLS + EASY_SKILLS + HARD_SKILLS + OTHER_SKILLS
 # Fingertip centre minus hand position, mean over expert reach / peg rollouts.
 TCP_OFFSET = np.array([-0.0005, 0.0033, -0.0449])
 # The peg head in the peg's own frame, relative to its grasp site (metaworld 3.1.1).
@@ -107,28 +125,87 @@ def _quat_rotate(q_xyzw: np.ndarray, v: np.ndarray) -> np.ndarray:
     return 2.0 * (u @ v) * u + (w * w - u @ u) * v + 2.0 * w * np.cross(u, v)
 
 
+def obj2(state: np.ndarray) -> np.ndarray:
+    return np.asarray(state[11:14], dtype=np.float64)
+
+
+def _quat_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle of the rotation between two orientations (either quaternion order, the
+    same for both); 0 where either is missing."""
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if not (np.isfinite(na) and np.isfinite(nb)) or na < 1e-9 or nb < 1e-9:
+        return 0.0
+    return float(2.0 * np.arccos(min(1.0, abs(float(np.dot(a, b))) / (na * nb))))
+
+
+def lock_angle(state: np.ndarray) -> float:
+    """locked-door-open's lock angle relative to its door (about 1.57 locked, 0 open)."""
+    return _quat_angle(state[7:11], state[14:18])
+
+
+# The package's success tests as (distance over the state, threshold). "obj" is the
+# first object slot, "goal" the goal slot; the package compares the same numbers.
+_AXIS_X, _AXIS_Y, _AXIS_Z = 0, 1, 2
+FAUCET_OPEN_OFFSET = np.array([-0.04, 0.0, 0.03])  # faucet-open-v3 measures the handle end
+NAIL_TRAVEL = 0.09  # hammer-v3 succeeds once the nail's slide joint passes 0.09
+NAIL_START_TO_GOAL = 0.1  # the goal site sits 0.1 beyond the nail's start (measured, exact)
+
+
+def _axis(state: np.ndarray, axis: int) -> float:
+    return float(abs(state[36 + axis] - state[4 + axis]))
+
+
 def skill_distance(name: str, state: np.ndarray) -> tuple[float, float]:
     """``(distance, threshold)`` of the package's success test for a skill, over a state."""
     s = np.asarray(state, dtype=np.float64)
-    if name == "reach":
+    to_goal = float(np.linalg.norm(obj(s) - goal(s)))
+    if name in ("reach", "reach-wall"):
         return float(np.linalg.norm(hand(s) + TCP_OFFSET - goal(s))), 0.05
     if name == "push":
-        return float(np.linalg.norm(obj(s) - goal(s))), 0.05
-    if name == "pick-place":
-        return float(np.linalg.norm(obj(s) - goal(s))), 0.07
+        return to_goal, 0.05
+    if name in ("pick-place", "pick-place-wall", "push-wall", "coffee-push", "soccer"):
+        return to_goal, 0.07
+    if name in ("button-press", "coffee-button"):
+        return _axis(s, _AXIS_Y), 0.02
+    if name == "button-press-wall":
+        return _axis(s, _AXIS_Y), 0.03
+    if name == "door-unlock":
+        return _axis(s, _AXIS_X), 0.02
+    if name == "door-lock":
+        return _axis(s, _AXIS_Z), 0.02
     if name == "door-open":
-        return float(abs(s[4] - s[36])), 0.08
+        return _axis(s, _AXIS_X), 0.08
+    if name == "door-close":
+        return to_goal, 0.08
+    if name == "faucet-open":
+        return float(np.linalg.norm(obj(s) + FAUCET_OPEN_OFFSET - goal(s))), 0.07
+    if name == "faucet-close":
+        return to_goal, 0.07
+    if name == "hammer":
+        # The nail (second slot) slides along y towards the goal site: it has travelled
+        # NAIL_START_TO_GOAL minus what is left of that gap.
+        travelled = NAIL_START_TO_GOAL - float(s[37] - s[12])
+        return max(0.0, NAIL_TRAVEL - travelled), 1e-9
+    if name == "make-coffee":
+        mug = max(0.0, to_goal - 0.07)
+        button_target = goal(s)[1] + BUTTON_TRAVEL
+        pressed = max(0.0, abs(button_target - s[12]) - BUTTON_TOLERANCE)
+        return mug + pressed, 1e-9
+    if name == "locked-door-open":
+        locked = max(0.0, lock_angle(s) - UNLOCKED_ANGLE)
+        shut = max(0.0, _axis(s, _AXIS_X) - DOOR_OPEN_TOLERANCE)
+        return locked + shut, 1e-9
     if name == "drawer-open":
-        return float(np.linalg.norm(obj(s) - goal(s))), 0.03
+        return to_goal, 0.03
     if name == "drawer-close":
-        return float(np.linalg.norm(obj(s) - goal(s))), 0.065
+        return to_goal, 0.065
     if name == "button-press-topdown":
         return float(abs(s[38] - s[6])), 0.024
     if name == "peg-insert-side":
         head = obj(s) + _quat_rotate(s[7:11], PEG_HEAD_OFFSET)
         return float(np.linalg.norm((head - goal(s)) * PEG_SCALE)), 0.07
     if name in ("window-open", "window-close"):
-        return float(abs(s[4] - s[36])), 0.05
+        return _axis(s, _AXIS_X), 0.05
     raise ValueError(f"unknown skill {name!r}")
 
 
@@ -240,20 +317,33 @@ def parse_task(spec: Mapping[str, Any], where: str = "task") -> Task:
 
 
 def training_tasks() -> list[Skill]:
-    return [Skill(name) for name in SKILLS]
+    return [Skill(name) for name in TRAINING_SKILLS]
 
 
-def easy_tasks() -> list[Relocated]:
+def easy_tasks() -> list[Skill]:
+    return [Skill(name) for name in EASY_SKILLS]
+
+
+def hard_tasks() -> list[Skill]:
+    return [Skill(name) for name in HARD_SKILLS]
+
+
+def relocated_tasks() -> list[Relocated]:
+    """Goals moved where the package never puts them (an extra novel set, not a level)."""
     return [Relocated(s, r) for s in RELOCATABLE for r in REGIONS]
 
 
-def hard_tasks() -> list[ThenHome]:
+def then_home_tasks() -> list[ThenHome]:
+    """A skill, then the hand back home (an extra novel set, not a level)."""
     return [ThenHome(s) for s in HOMEABLE]
 
 
-EXTRA_STEPS_HOME = 50  # the way back home takes at most ~40 steps at full speed
+COMPOSED = ("make-coffee", "locked-door-open")
+EXTRA_STEPS = 50  # the way home (at most ~40 steps at full speed), or a composition's second stage
 
 
 def task_horizon(task: Task, default: int) -> int:
-    """Steps an episode may take: the skill horizon, plus the way home for then_home."""
-    return default + EXTRA_STEPS_HOME if isinstance(task, ThenHome) else default
+    """Steps an episode may take: the skill horizon, plus the second stage of a
+    composition or skill-then-home."""
+    two_stage = isinstance(task, ThenHome) or (isinstance(task, Skill) and task.name in COMPOSED)
+    return default + EXTRA_STEPS if two_stage else default
