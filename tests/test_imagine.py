@@ -14,7 +14,7 @@ from kalm.envs import get_spec
 from kalm.envs.clevr.tasks import Relation
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, NormStats
 from kalm.imagine.filters import HallucinationStats, check_rollout
-from kalm.imagine.generate import GenerationConfig, generate_rollouts
+from kalm.imagine.generate import GenerationConfig, carry_state, generate_rollouts
 from kalm.imagine.label import label_rollout
 from kalm.imagine.rollouts import ImagineConfig, imagine, sample_prompts
 
@@ -157,6 +157,19 @@ def test_carried_state_blocks_are_copied_from_the_previous_state(tiny_model):
     for rollout in carried:
         np.testing.assert_array_equal(rollout.states[1:, 6:10], rollout.states[:-1, 0:4])
     assert any(not np.array_equal(r.states[1:, 6:10], r.states[:-1, 0:4]) for r in free)
+
+
+def test_a_block_carried_while_empty_stays_empty_and_a_filled_one_moves():
+    """Meta-World's second object slot: empty in most scenes (kept empty, whatever the
+    model predicts there), a nail or a button in others (the prediction stands)."""
+    previous = np.array([[1.0, 0.0, 0.0], [1.0, 0.5, 0.2]], dtype=np.float32)
+    predicted = np.array([[2.0, 0.3, -0.1], [2.0, 0.6, 0.3]], dtype=np.float32)
+    for make in (np.asarray, torch.as_tensor):
+        out = np.asarray(carry_state(make(predicted), make(previous), ((1, 1, 2, True),)))
+        np.testing.assert_array_equal(out, np.array([[2.0, 0.0, 0.0], [2.0, 0.6, 0.3]], dtype=np.float32))
+        out = np.asarray(carry_state(make(predicted), make(previous), ((1, 1, 2),)))
+        np.testing.assert_array_equal(out, np.array([[2.0, 0.0, 0.0], [2.0, 0.5, 0.2]], dtype=np.float32))
+    np.testing.assert_array_equal(predicted[0], np.array([2.0, 0.3, -0.1], dtype=np.float32))  # unchanged
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_model):

@@ -125,7 +125,9 @@ class EnvSpec:
         carried_state: ``(destination, source, length)`` blocks of the next state that
             are exact copies of the current state's (a stacked previous frame, a goal
             fixed for the episode). Imagination copies them instead of trusting the
-            LLM's prediction, so an imagined state is consistent by construction.
+            LLM's prediction, so an imagined state is consistent by construction. A
+            fourth element ``True`` copies the block only while it is empty (all
+            zeros): an object slot that some scenes leave empty.
         grounding_phrasings: optional ``task -> (training, validation)`` phrasings for
             grounding the LLM: the validation ones never appear in its training, so
             explanation accuracy is measured on unseen wordings. Raises ``ValueError``
@@ -153,7 +155,7 @@ class EnvSpec:
     grounding_phrasings: Callable[[Task], tuple[Sequence[str], Sequence[str]]] | None = None
     render_state: Callable[[np.ndarray, int, str | None], np.ndarray] | None = None
     task_horizon: Callable[[Task], int] | None = None
-    carried_state: tuple[tuple[int, int, int], ...] = ()
+    carried_state: tuple[tuple, ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def horizon(self, task: Task) -> int:

@@ -91,7 +91,7 @@ class RolloutSource(Protocol):
 
     def generate(self, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
                  stop: StopFn | None, seed: int, progress: Callable[[int], None] | None,
-                 carried_state: Sequence[tuple[int, int, int]],
+                 carried_state: Sequence[tuple],
                  prompt_ids: Sequence[int] | None = None) -> list[GeneratedRollout]: ...
 
     def describe(self) -> dict: ...
@@ -171,15 +171,27 @@ class CachedSequence:
         return hidden[:, -1]
 
 
-def carry_state(state: torch.Tensor, previous: torch.Tensor, blocks: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+EMPTY_SLOT_TOLERANCE = 1e-6
+
+
+def carry_state(state, previous, blocks: Sequence[tuple]):
     """``state`` with each ``(destination, source, length)`` block copied from
     ``previous`` (an environment's ``carried_state``: parts of the next state that the
-    physics copies, like a stacked frame)."""
+    physics copies, like a stacked frame). A block with a fourth element ``True`` is
+    copied only in rows where ``previous``'s source block is empty (all zeros): an
+    empty slot stays empty, a filled one follows the prediction. Works on torch tensors
+    and numpy arrays of shape ``(batch, state_dim)``."""
     if not blocks:
         return state
-    state = state.clone()
-    for destination, source, length in blocks:
-        state[:, destination : destination + length] = previous[:, source : source + length]
+    state = state.clone() if isinstance(state, torch.Tensor) else state.copy()
+    for block in blocks:
+        destination, source, length = block[:3]
+        copied = previous[:, source : source + length]
+        if len(block) > 3 and block[3]:
+            empty = (abs(copied) <= EMPTY_SLOT_TOLERANCE).all(1)
+            state[empty, destination : destination + length] = copied[empty]
+        else:
+            state[:, destination : destination + length] = copied
     return state
 
 
@@ -219,7 +231,7 @@ def prefill(model, instructions: Sequence[str], initial_states: np.ndarray, conf
 @torch.no_grad()
 def _generate_batch(
     model, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
-    stop: StopFn | None, generator: torch.Generator, offset: int, carried: Sequence[tuple[int, int, int]],
+    stop: StopFn | None, generator: torch.Generator, offset: int, carried: Sequence[tuple],
 ) -> list[GeneratedRollout]:
     device = next(model.parameters()).device
     batch = len(instructions)
@@ -264,7 +276,7 @@ def generate_rollouts(
     stop: StopFn | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
-    carried_state: Sequence[tuple[int, int, int]] = (),
+    carried_state: Sequence[tuple] = (),
     prompt_ids: Sequence[int] | None = None,
 ) -> list[GeneratedRollout]:
     """Imagine one rollout per (instruction, initial state), ``config.batch_size`` at a time.

@@ -23,7 +23,7 @@ import numpy as np
 from kalm.data.episodes import EpisodeDataset
 from kalm.envs.spec import EnvSpec
 from kalm.grounding.dynamics_baseline import MLPDynamics, fit_mlp_dynamics, transition_arrays
-from kalm.imagine.generate import GeneratedRollout, GenerationConfig, StopFn, batch_generator
+from kalm.imagine.generate import GeneratedRollout, GenerationConfig, StopFn, batch_generator, carry_state
 from kalm.imagine.rollouts import ImagineConfig, ImagineResult, imagine_from
 from kalm.offline.policy import LanguagePolicy
 
@@ -52,7 +52,7 @@ class PolicyDynamicsRollouts:
 
     def generate(self, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
                  stop: StopFn | None, seed: int, progress: Callable[[int], None] | None,
-                 carried_state: Sequence[tuple[int, int, int]],
+                 carried_state: Sequence[tuple],
                  prompt_ids: Sequence[int] | None = None) -> list[GeneratedRollout]:
         initial_states = np.asarray(initial_states, dtype=np.float32)
         if len(instructions) != len(initial_states):
@@ -75,9 +75,7 @@ class PolicyDynamicsRollouts:
         for t in range(config.max_steps):
             action = self.policy.act_batch(state, embeddings, config.temperature, generator)
             following = self.dynamics.predict(state, action)
-            for destination, source, length in carried:
-                following[:, destination : destination + length] = state[:, source : source + length]
-            state = following
+            state = carry_state(following, state, carried)
             actions.append(np.asarray(action))
             states.append(state)
             if stop is not None:

@@ -45,10 +45,12 @@ FRAME_TOLERANCE = 1e-4
 GOAL_TOLERANCE = 1e-4
 
 # What the physics copies from one observation into the next, as (destination, source,
-# length): the previous-frame block is the current frame and the goal is fixed for the
-# episode. Imagination copies these rather than trusting the LLM (EnvSpec.carried_state),
-# so frame_mismatch and goal_moved cannot fire on imagined states.
-CARRIED_STATE = ((18, 0, 18), (36, 36, 3))
+# length[, only while empty]): the previous-frame block is the current frame, the goal is
+# fixed for the episode, and an empty second object slot stays empty (a nail, button or
+# lock in it moves). Imagination copies these rather than trusting the LLM
+# (EnvSpec.carried_state), so frame_mismatch and goal_moved cannot fire on imagined
+# states, nor an object appear in an empty slot.
+CARRIED_STATE = ((18, 0, 18), (36, 36, 3), (11, 11, 7, True))
 
 CHECKS = ("off_workbench", "too_far", "bad_gripper", "bad_pose", "frame_mismatch", "goal_moved", "non_finite")
 
