@@ -182,6 +182,30 @@ def test_compositions_need_both_stages(env, spec):
     assert not Skill("door-open").success(obs)
 
 
+@pytest.mark.parametrize("task", [Skill("push"), Skill("door-lock"), Skill("locked-door-open"), Skill("make-coffee"),
+                                  Relocated("reach", "left")], ids=lambda t: json.dumps(t.to_json()))
+def test_replay_starts_where_the_recorded_episode_started(spec, task):
+    """reset(options={"state": s}) reproduces a real start s (solved from the package's
+    reset vector, in a fresh env with another history), so replaying an episode's
+    actions from its first state is the episode again; a state no reset produces is
+    counted as not replayable, not replayed from somewhere else."""
+    from kalm.evaluation.imagined import replay_actions
+
+    recorder, replayer = MetaWorldEnv(), MetaWorldEnv()
+    replayer.reset(seed=3, options={"task": task})
+    states, actions, flags = rollout(recorder, spec, task, seed=11)
+    start, _ = replayer.reset(seed=0, options={"task": task, "state": states[0]})
+    np.testing.assert_allclose(start, states[0], atol=1e-4)
+    assert flags[-1]
+    assert replay_actions(spec, [(task, states[0], actions)])["real_success"] == 1
+    assert replay_actions(spec, [(task, states[0], actions[:5])])["real_success"] == 0
+    impossible = states[0].copy()
+    impossible[0] += 0.2  # the hand never starts there
+    assert replay_actions(spec, [(task, impossible, actions)])["not_replayable"] == 1
+    recorder.close()
+    replayer.close()
+
+
 def test_relocated_goal_lies_in_its_region_and_is_observed(env):
     for task in relocated_tasks():
         obs, _ = env.reset(seed=5, options={"task": task})

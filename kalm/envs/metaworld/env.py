@@ -17,8 +17,10 @@ Choices:
   ``*-goal-observable`` envs; the scripted policies read the goal from the observation.
 - Resets are random and seeded: the package draws object and goal positions from the
   generator we seed from ``reset(seed=...)`` (``seeded_rand_vec``), so a seed gives the
-  same start. Relocated tasks freeze a ``rand_vec`` we draw, which is how the package's
-  own ``set_task`` fixes goals.
+  same start, whatever episodes came before. Relocated tasks freeze a ``rand_vec`` we
+  draw, which is how the package's own ``set_task`` fixes goals.
+- ``reset(options={"task": ..., "state": s})`` starts from a recorded start ``s`` (the
+  replay of an imagined rollout): the package's reset vector is solved from ``s``.
 - An episode ends (terminated) on success, like the other kalm environments.
 - Without a task, ``reset`` picks a random training skill.
 - Every scene's collision and joint settings are the package's; the two composed
@@ -65,6 +67,10 @@ STATE_DIM = 39
 ACTION_DIM = 4
 SKILL_HORIZON = 150
 MAX_EPISODE_STEPS = task_horizon(ThenHome("push"), SKILL_HORIZON)
+_RESET_SOLVER_ITERATIONS = 4
+_RESET_PROBE = 1e-3
+_MAX_DRAWS = 8
+_RESET_TOLERANCE = 1e-5
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
 
@@ -89,6 +95,10 @@ def build_package_env(skill: str):
     env._set_task_called = True
     env.seed(0)
     return env
+
+
+class _NotAStart(Exception):
+    """A frozen reset vector the scene's reset would reject (and redraw forever)."""
 
 
 class MetaWorldEnv(gym.Env):
@@ -138,11 +148,14 @@ class MetaWorldEnv(gym.Env):
         self.task = task
         self.sim = self.scene(skill_of(task))
         self.sim.seed(int(self.np_random.integers(2**31)))
-        if isinstance(task, Relocated):
-            self._reset_relocated(task)
+        if options.get("state") is not None:
+            obs = self._reset_to_state(np.asarray(options["state"], dtype=np.float64))
         else:
-            self.sim.reset()
-        obs = self._fresh_observation()
+            if isinstance(task, Relocated):
+                self._reset_relocated(task)
+            else:
+                self._reset_scene()
+            obs = self._fresh_observation()
         self._steps = 0
         self._horizon = task_horizon(task, SKILL_HORIZON)
         self.start_state = np.asarray(obs, dtype=np.float32)
@@ -166,6 +179,90 @@ class MetaWorldEnv(gym.Env):
         sim._prev_obs = current.copy()
         return np.hstack((current, current, sim._get_pos_goal()))
 
+    def _reset_scene(self) -> None:
+        """A random start of the scene: the package's draw, then a reset from the vector
+        it drew (see :meth:`_reset_with`)."""
+        self._package_reset()
+        self._reset_with(self.sim._last_rand_vec)
+
+    def _package_reset(self) -> None:
+        """The package's reset, from MuJoCo's initial simulation state.
+
+        The package settles the hand by simulating from wherever the previous episode
+        left it; clearing the simulation state first keeps the episodes before out of
+        the start."""
+        import mujoco
+
+        mujoco.mj_resetData(self.sim.model, self.sim.data)
+        self.sim.reset()
+
+    def _reset_with(self, vec: np.ndarray) -> np.ndarray:
+        """Reset the scene from a chosen package ``rand_vec`` (what ``set_task`` does).
+
+        The start is then a function of ``vec`` alone. A package reset runs
+        ``reset_model`` twice and draws a vector in each; the hand settles during the
+        second with the objects where the *first* draw put them, which matters where
+        it touches them (door-lock's lock: up to 0.018). Drawing ``vec`` both times
+        removes that, so a recorded start can be reproduced (replay).
+
+        Raises :class:`_NotAStart` where the scene's reset would draw again and again:
+        each ``reset_model`` draws once and redraws while its objects are too close
+        (the goal on the puck, say), which a frozen vector would repeat forever."""
+        sim, draws = self.sim, []
+
+        def draw() -> np.ndarray:
+            draws.append(1)
+            if len(draws) > _MAX_DRAWS:
+                raise _NotAStart
+            sim._last_rand_vec = np.asarray(vec, dtype=np.float64).copy()
+            return sim._last_rand_vec
+
+        sim._get_state_rand_vec = draw
+        try:
+            self._package_reset()
+        finally:
+            del sim._get_state_rand_vec
+        return self._fresh_observation()
+
+    def _reset_to_state(self, state: np.ndarray) -> np.ndarray:
+        """Reset to the start ``state`` (a replay of an imagined rollout starts where the
+        imagination did): solve for the package's reset vector that reproduces it.
+
+        A scene's start is a function of its ``rand_vec`` (object and goal positions
+        drawn at reset), affine in the scenes here, so a finite-difference Jacobian and
+        a least-squares step or two recover it from the state, starting from a random
+        start of the scene. A state no reset produces comes back as the nearest start
+        found; callers compare (:func:`kalm.evaluation.imagined.replay_actions` counts
+        it as not replayable).
+        """
+        if state.shape != (STATE_DIM,) or not np.all(np.isfinite(state)):
+            raise ValueError(f"options['state'] must be {STATE_DIM} finite numbers, got shape {state.shape}")
+        space = self.sim._random_reset_space
+        self._package_reset()
+        vec = np.asarray(self.sim._last_rand_vec, dtype=np.float64).copy()
+        best = self._reset_with(vec)
+        for _ in range(_RESET_SOLVER_ITERATIONS):
+            if np.allclose(best, state, atol=_RESET_TOLERANCE):
+                break
+            try:
+                columns = []
+                for unit in np.eye(len(vec)) * _RESET_PROBE:
+                    try:
+                        columns.append((self._reset_with(vec + unit) - best) / _RESET_PROBE)
+                    except _NotAStart:
+                        columns.append((best - self._reset_with(vec - unit)) / _RESET_PROBE)
+                step, *_ = np.linalg.lstsq(np.stack(columns, axis=1), state - best, rcond=None)
+                # A coordinate the package never varies (door-lock's door height)
+                # stays where the package puts it.
+                proposal = np.where(space.low == space.high, space.low, vec + step)
+                candidate = self._reset_with(proposal)
+            except _NotAStart:
+                break
+            if np.max(np.abs(candidate - state)) >= np.max(np.abs(best - state)):
+                break
+            vec, best = proposal, candidate
+        return self._reset_with(vec)
+
     def _reset_relocated(self, task: Relocated) -> None:
         """Reset with the object where the package puts it and the goal in the task's region,
         by freezing the package's ``rand_vec`` (object xyz, goal xyz) as ``set_task`` does."""
@@ -174,12 +271,7 @@ class MetaWorldEnv(gym.Env):
         vec = sim.np_random.uniform(space.low, space.high)
         low, high = (np.asarray(v) for v in REGIONS[task.region])
         vec[3:5] = sim.np_random.uniform(low, high)
-        sim._last_rand_vec = vec
-        sim._freeze_rand_vec = True
-        try:
-            sim.reset()
-        finally:
-            sim._freeze_rand_vec = False
+        self._reset_with(vec)
 
     def step(self, action):
         if self.sim is None:
