@@ -1,18 +1,18 @@
 """Meta-World's skills behind one Gymnasium environment.
 
 One :class:`MetaWorldEnv` holds one package environment per skill (built on first
-use; each is its own MuJoCo scene, :mod:`~kalm.envs.metaworld.scenes`), and ``reset(options={"task": ...})`` picks the
-scene the task needs. Observations are the package's 39-d goal-observable vector (see
-:mod:`kalm.envs.metaworld.tasks`), actions its ``Box(-1, 1, (4,))`` (hand xyz delta and
-gripper effort), ``info["success"]`` its own success flag (for ``then_home`` also the
-hand back home).
+use; each is its own MuJoCo scene, :mod:`~kalm.envs.metaworld.scenes`), and
+``reset(options={"task": ...})`` picks the scene the task needs. Observations are the
+package's 39-d goal-observable vector (see :mod:`kalm.envs.metaworld.tasks`), actions
+its ``Box(-1, 1, (4,))`` (hand xyz delta and gripper effort), ``info["success"]`` its
+own success flag (for ``then_home`` also the hand back home).
 
 Choices:
 
 - Horizon: 150 steps (200 for ``then_home`` and the compositions), not the package's
-  500. The scripted experts need 40-125 steps (peg insertion the most, the
-  compositions 70-170), KALM used 100, and every step is
-  CPU time in collection and evaluation on a 2-core machine.
+  500. The scripted experts need 40-125 steps (peg insertion the most; the
+  compositions 70-176), KALM used 100, and every step is CPU time in collection and
+  evaluation on a 2-core machine.
 - Goals are observable (``_partially_observable = False``), as in KALM's
   ``*-goal-observable`` envs; the scripted policies read the goal from the observation.
 - Resets are random and seeded: the package draws object and goal positions from the
