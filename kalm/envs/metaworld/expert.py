@@ -34,8 +34,20 @@ from metaworld.policies import ENV_POLICY_MAP
 from metaworld.policies.policy import move
 
 from kalm.envs.metaworld.env import ACTION_DIM
-from kalm.envs.metaworld.scenes import BUTTON_ABOVE_GOAL, BUTTON_TRAVEL, MUG_TOLERANCE, UNLOCKED_ANGLE
-from kalm.envs.metaworld.tasks import Skill, ThenHome, goal, hand, lock_angle, obj, obj2, skill_of
+from kalm.envs.metaworld.tasks import (
+    BUTTON_ABOVE_GOAL,
+    BUTTON_TRAVEL,
+    MUG_TOLERANCE,
+    UNLOCKED_ANGLE,
+    Skill,
+    ThenHome,
+    goal,
+    hand,
+    lock_angle,
+    obj,
+    obj2,
+    skill_of,
+)
 from kalm.envs.spec import Task
 
 _GAIN = 10.0  # the package policies' usual proportional gain

@@ -30,20 +30,12 @@ from metaworld.envs.sawyer_coffee_push_v3 import SawyerCoffeePushEnvV3
 from metaworld.envs.sawyer_door_unlock_v3 import SawyerDoorUnlockEnvV3
 from scipy.spatial.transform import Rotation
 
-# How far the coffee button travels when pressed, and its success tolerance
-# (coffee-button-v3's ``max_dist`` and threshold); the button sits 0.3 above the mug
-# goal (the machine stands 0.22 behind it, the button 0.22 in front of the machine).
-BUTTON_TRAVEL = 0.03
-BUTTON_TOLERANCE = 0.02
-BUTTON_ABOVE_GOAL = np.array([0.0, 0.0, 0.3])
-MUG_TOLERANCE = 0.07  # coffee-push-v3's success threshold
+from kalm.envs.metaworld.tasks import BUTTON_TOLERANCE, BUTTON_TRAVEL, DOOR_OPEN_TOLERANCE, UNLOCKED_ANGLE
 
-# The lock starts at 1.5708 rad (locked) and door-unlock's expert turns it to about 0;
-# the package's unlock success fires between 0.25 and 0.38 rad (measured, 10 seeds).
-UNLOCKED_ANGLE = 0.4
+# The success tests' constants live with the predicates (tasks.py), which read states
+# with no simulator behind them; the scenes judge the simulator with the same numbers.
 DOOR_RANGE = (-2.0, 0.0)  # door-open's hinge (doorlockB.xml)
 DOOR_OPEN_OFFSET = np.array([-0.3, -0.45, 0.0])  # door-open-v3's goal, from the door body
-DOOR_OPEN_TOLERANCE = 0.08  # door-open-v3's success threshold on the handle's x
 
 
 class MakeCoffeeScene(SawyerCoffeePushEnvV3):
