@@ -424,3 +424,52 @@ def test_lockstep_evaluation_shows_every_episode_what_it_sees_alone(spec, observ
     batched = evaluate(three, spec, levels, 2, 3, progress=False)
     assert batched["results"] == alone["results"]
     assert three.same_as(one)
+
+
+# Meta-World's own reach tolerance: the hand within 5 cm of its goal counts as there.
+REACH_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("name", TRAINING_SKILLS)
+def test_waypoints_round_trip_real_expert_episodes(env, spec, name):
+    """An expert episode as waypoints every k steps and back: the decoded states pass
+    through the waypoints and every plausibility check, and their actions, replayed in
+    the simulator from the same start, keep the hand within the reach tolerance of
+    every waypoint and complete the task."""
+    from kalm.evaluation.imagined import replay_actions
+
+    waypoints = spec.waypoints
+    k = waypoints.every
+    task = Skill(name)
+    states, actions, flags = rollout(env, spec, task, seed=5)
+    assert flags[-1]
+    marks, marked_actions = waypoints.encode(states, actions)
+    assert len(marks) == -(-len(actions) // k) + 1 and len(marked_actions) == len(marks) - 1
+    decoded, decoded_actions = waypoints.decode(marks, marked_actions)
+    assert decoded.shape == (k * len(marked_actions) + 1, 39) and decoded_actions.shape == (len(decoded) - 1, 4)
+    np.testing.assert_allclose(decoded[::k][:-1, :18], marks[:-1, :18], atol=1e-5)
+    np.testing.assert_allclose(decoded[-1, :18], marks[-1, :18], atol=1e-5)
+    for t in range(len(decoded_actions)):
+        assert not any(transition_violations(decoded[t], decoded_actions[t], decoded[t + 1]).values()), t
+    obs, _ = env.reset(seed=0, options={"task": task, "state": states[0]})
+    replayed = [obs]
+    for action in decoded_actions:
+        replayed.append(env.step(action)[0])
+    hand_error = np.linalg.norm(np.array(replayed)[::k][: len(marks) - 1, :3] - marks[:-1, :3], axis=1)
+    assert hand_error.max() < REACH_TOLERANCE
+    assert replay_actions(spec, [(task, states[0], decoded_actions)])["real_success"] == 1
+
+
+def test_waypoint_actions_come_from_the_real_target_motion(spec):
+    """A short last segment moves the hand's target as far as the real steps did; the
+    gripper effort is the mean; settle holds the target with the last effort."""
+    waypoints = spec.waypoints
+    k = waypoints.every
+    states = np.zeros((k + 4, 39), np.float32)
+    actions = np.tile(np.array([1.0, -0.5, 0.0, 1.0], np.float32), (k + 3, 1))
+    marks, marked = waypoints.encode(states, actions)
+    np.testing.assert_allclose(marked[0], [1.0, -0.5, 0.0, 1.0])
+    np.testing.assert_allclose(marked[1], [3 / k, -1.5 / k, 0.0, 1.0], rtol=1e-6)
+    settled = waypoints.settle(marked)
+    np.testing.assert_allclose(settled[-1], [0, 0, 0, 1.0])
+    assert len(settled) == len(marked) + k

@@ -88,6 +88,26 @@ class Instruction:
     task: Task
 
 
+class Waypoints(Protocol):
+    """A coarser time scale for the LLM: one waypoint every ``every`` steps.
+
+    ``encode(observations, actions)`` turns an episode's ``(T+1, d)`` states and ``(T,
+    ...)`` actions into waypoint states and actions; ``decode`` turns waypoint states
+    and actions back into per-step ones (``every`` steps per waypoint step);
+    ``settle(actions)`` appends what a replay of decoded actions runs after them;
+    ``carried_state`` are the blocks copied from one waypoint to the next (as
+    ``EnvSpec.carried_state`` for steps)."""
+
+    every: int
+    carried_state: tuple[tuple, ...]
+
+    def encode(self, observations: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def decode(self, observations: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def settle(self, actions: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class EnvSpec:
     """Everything about one environment that code outside ``kalm/envs`` may use.
@@ -133,6 +153,11 @@ class EnvSpec:
             explanation accuracy is measured on unseen wordings. Raises ``ValueError``
             for tasks it has no phrasings for; ``None`` means grounding uses each
             episode's own instruction text.
+        waypoints: optional coarser time scale for the LLM (see :class:`Waypoints`):
+            grounding sees every episode encoded as waypoints, the LLM imagines and
+            acts in them, and imagined rollouts are decoded back into per-step
+            transitions before they are checked, labelled and stored. ``None``: the LLM
+            works step by step.
     """
 
     name: str
@@ -156,6 +181,7 @@ class EnvSpec:
     render_state: Callable[[np.ndarray, int, str | None], np.ndarray] | None = None
     task_horizon: Callable[[Task], int] | None = None
     carried_state: tuple[tuple, ...] = ()
+    waypoints: Waypoints | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def horizon(self, task: Task) -> int:

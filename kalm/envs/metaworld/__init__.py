@@ -20,6 +20,7 @@ from kalm.envs.metaworld.plausibility import (
 )
 from kalm.envs.metaworld.render import render_schematic
 from kalm.envs.metaworld.rewards import REWARDS
+from kalm.envs.metaworld.waypoints import Waypoints
 
 GYM_ID = "kalm/MetaWorld-v0"  # registered in kalm/envs/__init__.py
 
@@ -58,6 +59,7 @@ def make_spec():
         task_horizon=lambda task: tasks.task_horizon(task, SKILL_HORIZON),
         grounding_phrasings=language.grounding_phrasings,
         carried_state=CARRIED_STATE,
+        waypoints=Waypoints(),
     )
 
 
