@@ -376,11 +376,12 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
 
 
 def _acting_label(how: Mapping[str, float]) -> str:
+    held = f", each action held {how['every']:g} steps" if how.get("every", 1) > 1 else ""
     if how.get("temperature"):
-        return f"sampled, T = {how['temperature']:g}"
+        return f"sampled, T = {how['temperature']:g}{held}"
     if how.get("epsilon"):
-        return f"greedy, ε = {how['epsilon']:g}"
-    return "greedy"
+        return f"greedy, ε = {how['epsilon']:g}{held}"
+    return f"greedy{held}"
 
 
 # What each policy row is, in the words the report uses.

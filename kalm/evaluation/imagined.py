@@ -41,7 +41,9 @@ def replay_generated(spec: EnvSpec, attempts: Sequence[tuple], limit: int) -> di
 
 def replay_actions(spec: EnvSpec, attempts: Sequence[tuple]) -> dict:
     """Execute each ``(task, start_state, actions)`` from its start in the simulator;
-    count those whose task holds at some step (see :func:`replay_imagined`)."""
+    count those whose task holds at some step (see :func:`replay_imagined`). In an
+    environment with waypoints the actions end with its ``settle`` steps (a
+    position-controlled hand arrives after its target does)."""
     env = spec.make_env()
     replayed = succeeded = not_replayable = 0
     try:
@@ -52,6 +54,8 @@ def replay_actions(spec: EnvSpec, attempts: Sequence[tuple]) -> dict:
                 continue
             replayed += 1
             success = bool(info.get("success", False))
+            if spec.waypoints is not None:
+                actions = spec.waypoints.settle(actions)
             for action in actions:
                 if success:
                     break

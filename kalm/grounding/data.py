@@ -43,7 +43,9 @@ class GroundingEpisode:
 
 
 def prepare_episodes(dataset, spec) -> list[GroundingEpisode]:
-    """Parse every episode's task and attach its phrasings (no simulator involved)."""
+    """Parse every episode's task and attach its phrasings (no simulator involved). An
+    environment with ``spec.waypoints`` is grounded on its episodes' waypoints: every
+    grounding task then works at that time scale."""
     out = []
     for i, ep in enumerate(dataset.episodes):
         if ep.observations.shape[1] != spec.state_dim:
@@ -52,14 +54,16 @@ def prepare_episodes(dataset, spec) -> list[GroundingEpisode]:
         if ep.length < 1:
             continue
         task = spec.parse_task(ep.task)
-        obs = np.asarray(ep.observations, np.float32)
+        obs, actions = np.asarray(ep.observations, np.float32), np.asarray(ep.actions)
+        if spec.waypoints is not None:
+            obs, actions = spec.waypoints.encode(obs, actions)
         train, val = (ep.instruction,), (ep.instruction,)
         if spec.grounding_phrasings is not None:
             with contextlib.suppress(ValueError):
                 train, val = (tuple(p) for p in spec.grounding_phrasings(task))
         out.append(GroundingEpisode(
             observations=obs,
-            actions=np.asarray(ep.actions),
+            actions=actions,
             terminated=bool(ep.terminated),
             task=task,
             task_json=dict(ep.task),

@@ -25,7 +25,7 @@ most of the tokens; measured with the grounded SmolLM2 (batch 64, T = 5, fp32, 2
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -51,6 +51,8 @@ def stop_at_goal(tasks: Sequence, starts: Sequence[np.ndarray], limits: Sequence
 class GenerationConfig:
     """How rollouts are sampled.
 
+    ``max_steps`` counts environment steps: a source that imagines in waypoints
+    (``EnvSpec.waypoints``) generates ``max_steps // every`` of them.
     ``temperature`` 0 means greedy actions; above 0 actions are sampled from the
     softened distribution (discrete) or perturbed by Gaussian noise of that scale in
     normalised units (continuous). States are always the regressed mean.
@@ -84,10 +86,13 @@ class RolloutSource(Protocol):
     the ablation without one (:class:`~kalm.imagine.without_llm.PolicyDynamicsRollouts`).
 
     ``step_scale`` is the per-coordinate size of one step's change, the noise unit of
-    the robustness filter; ``describe()`` goes into the imagined file's metadata.
+    the robustness filter; ``every`` is the environment steps per generated step (the
+    stop function is asked once per generated step; rollouts come back per step);
+    ``describe()`` goes into the imagined file's metadata.
     """
 
     step_scale: np.ndarray
+    every: int
 
     def generate(self, instructions: Sequence[str], initial_states: np.ndarray, config: GenerationConfig,
                  stop: StopFn | None, seed: int, progress: Callable[[int], None] | None,
@@ -107,15 +112,28 @@ def batch_generator(seed: int, prompt_ids: Sequence[int] | None, start: int, dev
 
 
 class LLMRollouts:
-    """The grounded LLM as a :class:`RolloutSource` (:func:`generate_rollouts`)."""
+    """The grounded LLM as a :class:`RolloutSource` (:func:`generate_rollouts`).
 
-    def __init__(self, model):
+    Given the environment's ``waypoints`` (the time scale it was grounded at), the LLM
+    imagines waypoints and each rollout is decoded into per-step transitions."""
+
+    def __init__(self, model, waypoints=None):
         self.model = model
-        self.step_scale = model.io.delta_std.detach().cpu().numpy()
+        self.waypoints = waypoints
+        self.every = waypoints.every if waypoints is not None else 1
+        # a waypoint step's change spread over its steps, as a random walk spreads
+        self.step_scale = model.io.delta_std.detach().cpu().numpy() / np.sqrt(self.every)
 
     def generate(self, instructions, initial_states, config, stop, seed, progress, carried_state, prompt_ids=None):
-        return generate_rollouts(self.model, instructions, initial_states, config, stop=stop, seed=seed,
-                                 progress=progress, carried_state=carried_state, prompt_ids=prompt_ids)
+        if self.waypoints is None:
+            return generate_rollouts(self.model, instructions, initial_states, config, stop=stop, seed=seed,
+                                     progress=progress, carried_state=carried_state, prompt_ids=prompt_ids)
+        config = replace(config, max_steps=max(1, config.max_steps // self.every))
+        rollouts = generate_rollouts(self.model, instructions, initial_states, config, stop=stop, seed=seed,
+                                     progress=progress, carried_state=self.waypoints.carried_state,
+                                     prompt_ids=prompt_ids)
+        return [GeneratedRollout(r.instruction, *self.waypoints.decode(r.states, r.actions), r.stopped_by)
+                for r in rollouts]
 
     def describe(self) -> dict:
         return {"source": "imagined", "model": str(getattr(self.model.config, "backbone", "")),

@@ -6,7 +6,9 @@ action at the current state's position, execute it in the simulator, feed the ac
 and the *real* next state back through the KV cache. Actions are greedy or, given a
 ``temperature``, drawn from the action head's distribution (discrete actions) with the
 episode's own generator, as ``kalm run`` has the offline-RL policies act: a greedy push
-into a wall sees the same state again and repeats until the horizon.
+into a wall sees the same state again and repeats until the horizon. A model grounded
+on waypoints (``EnvSpec.waypoints``) reads a state and picks an action every ``every``
+steps and holds that action in between, as its waypoint actions were made.
 
 Episodes run in lockstep batches (:meth:`LLMPolicy.begin_batch`, driven by
 :func:`kalm.evaluation.evaluate.evaluate`): one forward pass per token serves every
@@ -33,7 +35,9 @@ class LLMPolicy:
 
     name = "llm-policy"
 
-    def __init__(self, model, batch_size: int = 64, temperature: float = 0.0):
+    def __init__(self, model, batch_size: int = 64, temperature: float = 0.0, every: int = 1):
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not temperature >= 0.0:
@@ -43,7 +47,7 @@ class LLMPolicy:
                              "(temperature 0)")
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.batch_size, self.temperature = batch_size, temperature
+        self.batch_size, self.temperature, self.every = batch_size, temperature, every
         if temperature > 0:
             self.name = f"llm-policy@T{temperature:g}"
 
@@ -64,22 +68,25 @@ class LLMPolicy:
             # episodes compute.
             seq, hidden = prefill(model, [ins.text for ins in instructions], np.asarray(starts, dtype=np.float32),
                                   GenerationConfig(share_prefill=False), device)
-        first = True
+        step, chosen = 0, None
 
         @torch.no_grad()
         def act(observations: np.ndarray, running: np.ndarray | None = None) -> np.ndarray:
-            nonlocal first, hidden
-            if not first:
+            nonlocal step, hidden, chosen
+            step += 1
+            if (step - 1) % self.every:
+                return chosen
+            if step > 1:
                 states = torch.as_tensor(np.asarray(observations, dtype=np.float32), device=device)
                 hidden = seq.feed(model.embed_states(states), use_cache=True)
-            first = False
             out = model.predict_action(hidden)
             action = out.argmax(-1) if model.config.discrete else out
             if self.temperature > 0:
                 action = self._sample(out, action, running, rngs)
             seq.feed(model.embed_actions(action), use_cache=True)
             values = action.cpu().numpy()
-            return values if model.config.discrete else values.astype(np.float32)
+            chosen = values if model.config.discrete else values.astype(np.float32)
+            return chosen
 
         return act
 

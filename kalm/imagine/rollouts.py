@@ -173,7 +173,7 @@ def imagine(model, spec: EnvSpec, config: ImagineConfig = ImagineConfig(), progr
     the grounded LLM ``model`` (casting it to ``config.precision`` first, for good)."""
     model.use_inference_precision(config.precision)
     explain = (lambda kept, tasks: _explains_back(model, spec, kept, tasks)) if config.explain_back else None
-    return imagine_from(LLMRollouts(model), spec, config, progress, explain)
+    return imagine_from(LLMRollouts(model, spec.waypoints), spec, config, progress, explain)
 
 
 def imagine_from(source: RolloutSource, spec: EnvSpec, config: ImagineConfig, progress: bool = True,
@@ -249,7 +249,8 @@ def _generate_whole(
     if mine:
         rollouts = source.generate(
             [instructions[i].text for i in mine], starts[mine], config.generation,
-            stop_at_goal(tasks, starts[mine], [spec.horizon(task) for task in tasks]), config.seed, bar.update,
+            stop_at_goal(tasks, starts[mine], [max(1, spec.horizon(task) // source.every) for task in tasks]),
+            config.seed, bar.update,
             spec.carried_state, prompt_ids=mine,
         )
     bar.close()

@@ -46,6 +46,7 @@ class PolicyDynamicsRollouts:
                              f"actions, the policy {policy.config['state_dim']} and {policy.config['action_size']}")
         self.policy, self.dynamics, self.names = policy, dynamics, names or {}
         self.step_scale = dynamics.delta_scale.numpy().copy()
+        self.every = 1  # the policy acts, and the dynamics model predicts, step by step
 
     def describe(self) -> dict:
         return {"source": "imagined without an LLM", **self.names}

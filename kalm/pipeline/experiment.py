@@ -172,8 +172,12 @@ def train_config_for(config: PipelineConfig, algo: str | None = None) -> TrainCo
 def llm_policy_acting(config: PipelineConfig, spec: EnvSpec) -> dict[str, float]:
     """How the grounded LLM acts as a policy: like the BC policies, sampling at
     ``eval_temperature`` (discrete actions; continuous ones are greedy), so the rows
-    compare the policies rather than two ways of acting."""
-    return {"temperature": float(config.eval_temperature) if spec.discrete else 0.0}
+    compare the policies rather than two ways of acting; at the time scale it was
+    grounded at (``every`` steps per waypoint, where the env has waypoints)."""
+    acting = {"temperature": float(config.eval_temperature) if spec.discrete else 0.0}
+    if spec.waypoints is not None:
+        acting["every"] = spec.waypoints.every
+    return acting
 
 
 def acting_for(config: PipelineConfig, spec: EnvSpec, algo: str | None = None) -> dict[str, float]:

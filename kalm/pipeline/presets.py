@@ -48,17 +48,16 @@ def metaworld_default() -> PipelineConfig:
     stages, continuous actions and TD3+BC, sized for about an hour on 2 CPU cores.
     2,000 expert episodes (200 per training skill; collecting them takes about a
     minute): with 400, TD3+BC's seen success was 68 % against 80 % (60 episodes each,
-    docs/results.md). Episodes are up to 150 steps, so imagination is capped at 60
-    steps and fewer episodes are evaluated. The physics and robustness filters are
-    off: they were tuned on CLEVR-Robot, and most imagined Meta-World rollouts so far
-    would fail the physics checks."""
+    docs/results.md). The LLM imagines in waypoints every 10 steps (the spec's
+    ``waypoints``), so a rollout of a whole 150-step episode is 15 generated states;
+    fewer episodes are evaluated. The robustness filter is off: its noise was tuned on
+    CLEVR-Robot."""
     return PipelineConfig(
         env="metaworld",
         collect=CollectConfig(episodes=2000, epsilon=0.1, chunk_size=100),
         hindsight=HindsightConfig(episodes=0),  # random actions rarely complete a Meta-World skill
         levels=_plain_levels(),
-        imagine=ImagineConfig(n=96, physics_filter=False, robust_noise=0.0,
-                              generation=GenerationConfig(max_steps=60, batch_size=16)),
+        imagine=ImagineConfig(n=96, robust_noise=0.0, generation=GenerationConfig(max_steps=150, batch_size=16)),
         train=TrainConfig(algo="td3plusbc", steps=5000),
         eval_temperature=0.0,  # TD3+BC's actor is deterministic: greedy
         eval_episodes=40,
