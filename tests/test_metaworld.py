@@ -468,6 +468,7 @@ def test_waypoint_actions_come_from_the_real_target_motion(spec):
     states = np.zeros((k + 4, 39), np.float32)
     actions = np.tile(np.array([1.0, -0.5, 0.0, 1.0], np.float32), (k + 3, 1))
     marks, marked = waypoints.encode(states, actions)
+    assert len(marks) == 3 and len(marked) == 2  # steps 0, k and k + 3
     np.testing.assert_allclose(marked[0], [1.0, -0.5, 0.0, 1.0])
     np.testing.assert_allclose(marked[1], [3 / k, -1.5 / k, 0.0, 1.0], rtol=1e-6)
     settled = waypoints.settle(marked)

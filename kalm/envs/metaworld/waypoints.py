@@ -27,6 +27,7 @@ waypoint action carries the target's motion and the states carry the hand's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -72,9 +73,9 @@ class Waypoints:
         ``0, k, 2k, ...`` and ``T``, and each waypoint step's action."""
         observations, actions = np.asarray(observations), np.asarray(actions)
         steps = len(actions)
-        marks = list(range(0, steps, self.every)) + [steps]
+        marks = [*range(0, steps, self.every), steps]
         out = []
-        for a, b in zip(marks[:-1], marks[1:]):
+        for a, b in pairwise(marks):
             action = actions[a:b].mean(0)
             # a short last segment moves the target as far as it did, over k steps
             action[HAND] = np.clip(actions[a:b, HAND], -1.0, 1.0).sum(0) / self.every
@@ -91,7 +92,7 @@ class Waypoints:
         k = self.every
         fractions = np.arange(1, k + 1, dtype=np.float64) / k
         frames = [observations[:1, :FRAME]]
-        for a, b in zip(observations[:-1], observations[1:]):
+        for a, b in pairwise(observations):
             segment = a[None, :FRAME] + fractions[:, None] * (b - a)[None, :FRAME]
             for block in QUATERNIONS:
                 segment[:, block] = _nlerp(a[block], b[block], fractions)
