@@ -232,3 +232,14 @@ def test_the_report_module_loads_no_model_or_learning_code():
     code = "import sys, kalm.report; print(sorted(m for m in ('torch', 'transformers', 'd3rlpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_baseline_is_named_without_the_imagined_share_it_never_draws():
+    """Trying another imagined share retrains KALM and reuses the baseline."""
+    from kalm.offline.config import TrainConfig
+    from kalm.pipeline.stages import train_key
+
+    quarter, half = TrainConfig(imaginary_ratio=0.25), TrainConfig(imaginary_ratio=0.5, imaginary_mix="per_source")
+    assert train_key(quarter, []) == train_key(half, [])
+    assert train_key(quarter, ["imagine-easy"]) != train_key(half, ["imagine-easy"])
+    assert train_key(quarter, []) != train_key(TrainConfig(imaginary_ratio=0.25, steps=7), [])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from kalm.envs.spec import EnvSpec
 from kalm.evaluation.evaluate import evaluate, resolve_levels
 from kalm.evaluation.policies import TrainedPolicy
 from kalm.files import read_json
+from kalm.offline.config import TrainConfig
 from kalm.parallel import is_main_process, process_group, shard, wait_for_everyone
 from kalm.pipeline.cache import StageCache, StageOutput, directory_digest
 from kalm.pipeline.experiment import PipelineConfig, acting_for, llm_policy_acting, train_config_for
@@ -200,8 +201,18 @@ def train_stage(cache: StageCache, config: PipelineConfig, method: str, seed: in
         return {"steps": result.steps, "seconds": result.seconds}
 
     inputs = {"real": real.key, **{s.name: s.key for s in imagined}}
-    return cache.run(f"train-{method}-s{seed}", {"train": train_config.to_json(), "method": method}, build, inputs,
-                     code=["kalm.offline.train"], scope=scope)
+    return cache.run(f"train-{method}-s{seed}", {"train": train_key(train_config, imagined), "method": method}, build,
+                     inputs, code=["kalm.offline.train"], scope=scope)
+
+
+def train_key(train_config: TrainConfig, imagined: Sequence) -> dict:
+    """The training settings that name a policy's stage. Without imagined data the
+    imagined share and mix change nothing, so they are left out: trying another share
+    retrains the KALM policies and reuses the baseline."""
+    settings = train_config.to_json()
+    if not imagined:
+        settings = {k: v for k, v in settings.items() if k not in ("imaginary_ratio", "imaginary_mix")}
+    return settings
 
 
 def plan_seed(config: PipelineConfig, training_seed: int) -> int:
