@@ -92,13 +92,14 @@ def hindsight(
     max_steps: int = typer.Option(4, help="Actions per rollout before it is dropped for achieving nothing."),
     expert_share: float = typer.Option(0.0, help="Share of rollouts steered by the epsilon-expert (slower; "
                                                  "for envs where random actions rarely achieve a goal)."),
+    epsilon: float = typer.Option(0.2, help="Random-action share of the steering expert."),
     chunk_size: int = typer.Option(1000, help="Episodes per checkpoint shard; a rerun resumes from the shards."),
 ) -> None:
     """Short rollouts labelled with the one training goal each achieved (grounding data; resumable)."""
     from kalm.data.hindsight import HindsightConfig
 
     config = HindsightConfig(episodes=episodes, seed=seed, max_steps=max_steps, expert_share=expert_share,
-                             chunk_size=chunk_size)
+                             epsilon=epsilon, chunk_size=chunk_size)
     _collect(env, config, out, f"hindsight {env}")
 
 

@@ -474,3 +474,65 @@ def test_waypoint_actions_come_from_the_real_target_motion(spec):
     settled = waypoints.settle(marked)
     np.testing.assert_allclose(settled[-1], [0, 0, 0, 1.0])
     assert len(settled) == len(marked) + k
+
+
+def test_hindsight_episodes_are_labelled_with_their_scenes_skill_when_it_completes():
+    """Each skill has its own scene: a label is the skill the ε-expert's rollout
+    completed, by the skill's own test, at the rollout's last step and at no earlier one."""
+    from kalm.data.collect import collect_range
+    from kalm.data.hindsight import HindsightConfig, hindsight_labels
+
+    spec = get_spec("metaworld")
+    config = HindsightConfig(episodes=6, seed=3, max_steps=150, expert_share=1.0, epsilon=0.3)
+    episodes = collect_range(spec, config, 0, config.episodes)
+    assert len({e.task["name"] for e in episodes}) > 1
+    for ep in episodes:
+        task = spec.parse_task(ep.task)
+        start = ep.observations[0]
+        assert task.success(ep.observations[-1], start)
+        assert not any(task.success(s, start) for s in ep.observations[:-1])
+        assert [t.name for t in hindsight_labels(spec, ep.observations, scene=task)] == [task.name]
+        assert spec.parse_instruction(ep.instruction) == task
+    with pytest.raises(ValueError, match="pass the scene's task"):
+        hindsight_labels(spec, episodes[0].observations)
+    again = collect_range(spec, config, 4, 5)[0]
+    np.testing.assert_array_equal(again.actions, episodes[4].actions)
+
+
+def test_explanation_is_judged_against_the_skills_its_scene_holds(monkeypatch):
+    """A Meta-World episode can only achieve its scene's skill: another skill's test read
+    on the same 39 numbers measures other objects and counts neither as achieved nor
+    as a guess to choose among."""
+    import kalm.grounding.metrics as metrics
+    from kalm.envs.metaworld.tasks import Skill
+    from kalm.grounding.data import ExampleSampler, GroundingEpisode
+
+    spec = get_spec("metaworld")
+    env = spec.make_env()
+    task = Skill("door-open")
+    obs, _ = env.reset(seed=0, options={"task": task})
+    expert = spec.make_expert(env, epsilon=0.0, seed=0)
+    start, states = np.asarray(obs, np.float32), [np.asarray(obs, np.float32)]
+    for _ in range(150):
+        obs, *_ = env.step(expert(obs, task, start))
+        states.append(np.asarray(obs, np.float32))
+        if task.success(obs, start):
+            break
+    env.close()
+    observations = np.stack(states)
+    assert task.success(observations[-1], start)
+    episode = GroundingEpisode(observations, np.zeros((len(states) - 1, 4), np.float32), True, task,
+                               task.to_json(), True, ("x",), ("x",))
+    texts = ["Open the door", "Press the button on the box"]
+    monkeypatch.setattr(metrics, "greedy_text", lambda model, prompts, n: [texts.pop(0) for _ in prompts])
+
+    class Model:
+        class prompts:
+            @staticmethod
+            def explanation(observations, actions, instruction):
+                return None
+
+    sampler = ExampleSampler(None, [episode] * 2, 16)
+    result = metrics.explanation_accuracy(Model(), spec, sampler, batch_size=2)
+    assert result["explanation_accuracy"] == 0.5 and result["explanation_achieved"] == 0.5
+    assert result["explanation_tasks_achieved"] == 1 and result["explanation_chance_among_achieved"] == 1.0

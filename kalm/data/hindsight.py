@@ -10,6 +10,11 @@ explanation has one right answer); if several did at once, it is dropped.
 
 Only the environment's *training* tasks are used as labels and phrased with their
 training phrasings, so the evaluation's novel tasks and held-out wordings stay unseen.
+Where scenes differ (Meta-World builds one per skill), a rollout is labelled only with
+the goals its own scene holds (``EnvSpec.scene_goals``). Random actions never complete
+a Meta-World skill in a whole episode (0 of 100 over the ten skills), so there the
+rollouts are ε-expert ones steered toward the scene's skill, and a label tells the
+LLM which of the noisy paths reached it.
 Episode ``i`` depends only on ``(seed, i)``, so the collection shards and resumes like
 the expert's (:func:`kalm.data.collect.collect_to_file`).
 """
@@ -109,18 +114,30 @@ class LabelVocabulary:
         return options[int(rng.integers(len(options)))]
 
 
-def hindsight_labels(spec: EnvSpec, observations: np.ndarray) -> list[Task]:
-    """The training goals a trajectory achieved by its last state (see :class:`LabelVocabulary`)."""
-    vocabulary = LabelVocabulary(spec.training_tasks())
+def label_goals(spec: EnvSpec, scene: Task) -> Sequence[Task]:
+    """The training goals a rollout in ``scene``'s scene may be labelled with."""
+    return spec.training_tasks() if spec.scene_goals is None else spec.scene_goals(scene)
+
+
+def hindsight_labels(spec: EnvSpec, observations: np.ndarray, scene: Task | None = None) -> list[Task]:
+    """The training goals a trajectory achieved by its last state (see :class:`LabelVocabulary`);
+    ``scene`` is the task whose scene it ran in (needed where ``spec.scene_goals`` is set)."""
+    if spec.scene_goals is not None and scene is None:
+        raise ValueError(f"env {spec.name!r} labels a trajectory by its scene: pass the scene's task")
+    vocabulary = LabelVocabulary(label_goals(spec, scene))
     return vocabulary.achieved(np.asarray(observations[-1]), np.asarray(observations[0]))
 
 
-def _rollout(spec: EnvSpec, env, config: HindsightConfig, vocabulary: LabelVocabulary,
-             rng: np.random.Generator) -> tuple[list[np.ndarray], list, Task | None]:
+def _rollout(spec: EnvSpec, env, config: HindsightConfig, vocabularies: dict[str, LabelVocabulary],
+             rng: np.random.Generator) -> tuple[list[np.ndarray], list, Task | None, LabelVocabulary]:
     """One rollout until the first step where something became true; its label when
-    exactly one goal did."""
+    exactly one goal did, and the vocabulary of its scene."""
     tasks = spec.training_tasks()
     steer = tasks[int(rng.integers(len(tasks)))]
+    key = "all" if spec.scene_goals is None else goal_key(steer)
+    if key not in vocabularies:
+        vocabularies[key] = LabelVocabulary(label_goals(spec, steer))
+    vocabulary = vocabularies[key]
     obs, _ = env.reset(seed=int(rng.integers(2**31)), options={"task": steer})
     start = np.array(env.unwrapped.start_state, dtype=np.float32)
     expert = None
@@ -134,10 +151,10 @@ def _rollout(spec: EnvSpec, env, config: HindsightConfig, vocabulary: LabelVocab
         actions.append(action)
         achieved = vocabulary.achieved(states[-1], start)
         if achieved:
-            return states, actions, achieved[0] if len(achieved) == 1 else None
+            return states, actions, (achieved[0] if len(achieved) == 1 else None), vocabulary
         if truncated:
             break
-    return states, actions, None
+    return states, actions, None, vocabulary
 
 
 def _random_action(spec: EnvSpec, rng: np.random.Generator):
@@ -150,10 +167,10 @@ def _random_action(spec: EnvSpec, rng: np.random.Generator):
 def hindsight_episode(spec: EnvSpec, env, index: int, config: HindsightConfig) -> Episode:
     """Episode ``index``: the first of its seeded rollouts that achieved exactly one goal."""
     rng = np.random.default_rng([config.seed, index])
-    vocabulary = LabelVocabulary(spec.training_tasks())  # about 0.1 ms: not worth a cache
+    vocabularies: dict[str, LabelVocabulary] = {}  # about 0.1 ms each: not worth a cache across episodes
     reward_fn = spec.rewards[config.reward]
     for _ in range(config.max_tries):
-        states, actions, goal = _rollout(spec, env, config, vocabulary, rng)
+        states, actions, goal, vocabulary = _rollout(spec, env, config, vocabularies, rng)
         if goal is None:
             continue
         task = vocabulary.name(goal, rng)

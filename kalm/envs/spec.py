@@ -158,6 +158,10 @@ class EnvSpec:
             acts in them, and imagined rollouts are decoded back into per-step
             transitions before they are checked, labelled and stored. ``None``: the LLM
             works step by step.
+        scene_goals: optional ``task -> training tasks`` a rollout in ``task``'s scene
+            can achieve, the labels hindsight data draws from (:mod:`kalm.data.hindsight`).
+            ``None``: every training task (one scene holds them all, as on CLEVR-Robot's
+            table); Meta-World gives each skill its own scene.
     """
 
     name: str
@@ -182,6 +186,7 @@ class EnvSpec:
     task_horizon: Callable[[Task], int] | None = None
     carried_state: tuple[tuple, ...] = ()
     waypoints: Waypoints | None = None
+    scene_goals: Callable[[Task], Sequence[Task]] | None = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def horizon(self, task: Task) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kalm.data.hindsight import label_goals
 from kalm.envs.spec import goal_key, same_task
 from kalm.grounding.data import ExampleSampler, GroundingEpisode
 from kalm.grounding.decoding import greedy_text, rollout, to_device
@@ -70,7 +71,8 @@ def explanation_accuracy(model, spec, sampler: ExampleSampler, batch_size: int =
             ok = parsed is not None and parsed.to_json() == ep.task.to_json()
             correct += ok
             equivalent += parsed is not None and same_task(parsed, ep.task)
-            achieved += parsed is not None and parsed.success(obs[-1], obs[0]) and not parsed.success(obs[0], obs[0])
+            achieved += parsed is not None and _in_scene(spec, parsed, ep.task) and parsed.success(obs[-1], obs[0]) \
+                and not parsed.success(obs[0], obs[0])
             if len(samples) < 8:
                 samples.append({"generated": text, "task": ep.task_json, "correct": bool(ok)})
     n = max(len(episodes), 1)
@@ -87,10 +89,12 @@ def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
 
     Why: exact accuracy asks for *the* task the expert was given, but one trajectory
     often achieves several; this puts the measured accuracy next to what guessing
-    among the achieved tasks would score."""
-    tasks = list(spec.training_tasks())
+    among the achieved tasks would score. Only the goals the episode's scene holds count
+    (``EnvSpec.scene_goals``): a Meta-World skill's test read in another skill's scene
+    measures the wrong objects."""
     counts, chance, goals, goal_chance = [], [], [], []
     for ep in episodes:
+        tasks = label_goals(spec, ep.task)
         obs, _ = sampler.explanation_window(ep)
         achieved = [t for t in tasks if t.success(obs[-1], obs[0]) and not t.success(obs[0], obs[0])]
         distinct = {goal_key(t) for t in achieved}
@@ -105,6 +109,11 @@ def explanation_ambiguity(spec, sampler: ExampleSampler, episodes) -> dict:
             "explanation_chance_among_achieved": float(np.mean(chance)),
             "explanation_goals_achieved": float(np.mean(goals)),
             "explanation_equivalent_chance_among_achieved": float(np.mean(goal_chance))}
+
+
+def _in_scene(spec, task, scene) -> bool:
+    """Whether ``task`` can be achieved in ``scene``'s scene (every task can where scenes are alike)."""
+    return spec.scene_goals is None or any(goal_key(t) == goal_key(task) for t in spec.scene_goals(scene))
 
 
 def generation_success(model, sampler: ExampleSampler, max_steps: int, batch_size: int = 32,
@@ -132,8 +141,9 @@ def determined_explanation(model, spec, episodes: list[GroundingEpisode], window
     reading, not guessing among side effects."""
     sampler = ExampleSampler(model.prompts, episodes, window, validation=True)
     found = explanation_accuracy(model, spec, sampler, batch_size, max_new_tokens, max_episodes)
-    goals = {goal_key(task) for task in spec.training_tasks()}
-    return {"determined_explanation_chance": 1.0 / len(goals),  # naming one training goal at random
+    # naming one of the goals the episode's scene holds at random
+    chance = [1.0 / len({goal_key(t) for t in label_goals(spec, e.task)}) for e in sampler.successful[:max_episodes]]
+    return {"determined_explanation_chance": float(np.mean(chance)) if chance else 0.0,
             "determined_explanation_accuracy": found["explanation_accuracy"],
             "determined_explanation_equivalent": found["explanation_equivalent"],
             "determined_explanation_episodes": found["explanation_episodes"],

@@ -60,6 +60,7 @@ def make_spec():
         grounding_phrasings=language.grounding_phrasings,
         carried_state=CARRIED_STATE,
         waypoints=Waypoints(),
+        scene_goals=tasks.scene_goals,
     )
 
 

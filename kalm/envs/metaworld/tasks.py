@@ -333,6 +333,16 @@ def training_tasks() -> list[Skill]:
     return [Skill(name) for name in TRAINING_SKILLS]
 
 
+def scene_goals(task: Task) -> list[Skill]:
+    """The training goals a rollout in ``task``'s scene can achieve: its own skill's.
+
+    Every skill has a scene of its own, and a skill's test read in another scene's
+    state measures the wrong objects (``reach`` would fire whenever a pushing hand passed
+    the goal), so hindsight labels come from the scene's skill only.
+    """
+    return [t for t in training_tasks() if t.name == skill_of(task)]
+
+
 def easy_tasks() -> list[Skill]:
     return [Skill(name) for name in EASY_SKILLS]
 
