@@ -182,7 +182,7 @@ _GROUNDING_ROWS = (
     ("explanation_achieved", "Explanation of held-out expert episodes: a goal the trajectory achieved", None, ""),
     ("determined_explanation_equivalent",
      "Explanation of held-out trajectories that achieved exactly one goal: that goal",
-     "determined_explanation_chance", "naming one training goal at random"),
+     "determined_explanation_chance", "naming at random one training goal its scene holds"),
     ("generation_success", "Generation from held-out starts and phrasings: reaches the goal in imagination", None,
      ""),
 )
