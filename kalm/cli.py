@@ -198,6 +198,8 @@ def ground(
                                                      "(default: GroundingConfig's, 0)."),
     measure_at: str = typer.Option(None, help="Comma-separated steps at which the held-out figures are also "
                                               "measured while training (growth.csv), e.g. 100,200."),
+    depth: float = typer.Option(None, help="Share of the backbone's decoder blocks kept, from the bottom (1: all; "
+                                           "default: the preset's, or GroundingConfig's)."),
 ) -> None:
     """Ground an LLM on episodes: dynamics, explanation, generation and goal prediction."""
     try:
@@ -220,7 +222,7 @@ def ground(
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "num_threads": threads,
-                     "hindsight_share": hindsight_share, "micro_batches": micro_batches,
+                     "hindsight_share": hindsight_share, "micro_batches": micro_batches, "depth": depth,
                      "measure_at": None if measure_at is None else _steps_list(measure_at)}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         extra = load_episodes(hindsight, spec) if hindsight else None

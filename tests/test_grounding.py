@@ -139,6 +139,34 @@ def test_save_load_round_trip(tiny_backbone, tmp_path, finetune):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_a_backbone_cut_to_its_first_layers_keeps_them_and_is_rebuilt_at_that_depth(tiny_backbone, tmp_path,
+                                                                                      finetune):
+    whole, cut = _model(tiny_backbone, finetune=finetune), _model(tiny_backbone, finetune=finetune, layers=1)
+    assert (len(whole.decoder.layers), len(cut.decoder.layers)) == (2, 1)
+    batch = _fixed_batch(cut, "generation", np.random.default_rng(3))
+    embeds = cut.embed_sequence(batch["input_ids"], batch["states"], batch["actions"])
+    with torch.no_grad():  # the kept block is the backbone's first, read through its own final norm
+        first = whole.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(cut(embeds, batch["attention_mask"], batch["position_ids"])[0],
+                                   whole.decoder.norm(first), rtol=0, atol=1e-5)
+        for p in cut.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    cut.eval()
+    cut.save(tmp_path / "ckpt")
+    loaded = GroundedLM.load(tmp_path / "ckpt")
+    assert loaded.config.layers == 1 and len(loaded.decoder.layers) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(embeds, batch["attention_mask"], batch["position_ids"])[0],
+                                   cut(embeds, batch["attention_mask"], batch["position_ids"])[0], rtol=0, atol=1e-5)
+    with pytest.raises(BackboneError, match="first 3 layers: the backbone has 2"):
+        _model(tiny_backbone, layers=3)
+    with pytest.raises(ValueError, match=r"depth .* must be in \(0, 1\]"):
+        GroundingConfig(depth=0.0)
+
+
 def test_load_refuses_other_env_and_bad_dirs(tiny_backbone, tmp_path):
     from kalm.envs import get_spec
 
@@ -194,12 +222,14 @@ def _dataset(n=24, seed=0):
 
 
 def test_training_resumes_to_the_same_final_step(tiny_backbone, tmp_path):
+    """On half the tiny backbone's two layers: the checkpoints carry the depth."""
     from kalm.envs import get_spec
 
     spec = get_spec("clevr")
     data = _dataset()
     config = GroundingConfig(steps=6, checkpoint_every=2, batch_tokens=160, max_batch_size=4, eval_episodes=4,
-                             explanation_max_tokens=4, generation_max_steps=3, num_threads=1, precision="fp32")
+                             explanation_max_tokens=4, generation_max_steps=3, num_threads=1, precision="fp32",
+                             depth=0.5)
     out = tmp_path / "run"
     # a run "killed" after step 4: train 4 steps with the same schedule, keeping its checkpoints
     first = train_grounding(spec, data, str(tiny_backbone), out, replace(config, checkpoint_every=2), progress=False,
@@ -212,7 +242,7 @@ def test_training_resumes_to_the_same_final_step(tiny_backbone, tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("dynamics_mse", "copy_baseline_mse", "explanation_accuracy", "generation_success"):
         assert np.isfinite(saved[key])
-    GroundedLM.load(out / "model", spec=spec)
+    assert len(GroundedLM.load(out / "model", spec=spec).decoder.layers) == 1
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tiny_backbone, tmp_path):

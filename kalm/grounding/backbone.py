@@ -171,6 +171,47 @@ def load_backbone(path_or_name: str | os.PathLike, trust_remote_code: bool = Fal
     return model, tokenizer
 
 
+def decoder_blocks(llm):
+    """The backbone's list of decoder blocks (``layers`` in Llama-style models, ``h`` in
+    GPT-2-style ones) and the name it is stored under in the decoder."""
+    from torch import nn
+
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
+    for name in ("layers", "h"):
+        if isinstance(getattr(decoder, name, None), nn.ModuleList):
+            return getattr(decoder, name), name
+    raise BackboneError(f"a {type(llm).__name__} has no list of decoder blocks to cut")
+
+
+def layers_for_depth(llm, depth: float) -> int:
+    """How many of the backbone's decoder blocks a share ``depth`` of them is (at least one)."""
+    blocks, _ = decoder_blocks(llm)
+    return max(1, round(depth * len(blocks)))
+
+
+def keep_first_layers(llm, layers: int) -> None:
+    """Cut the backbone to its first ``layers`` decoder blocks, in place (0 keeps all).
+
+    Grounding and imagination cost time in proportion to the blocks a token passes
+    through, while the grounding tasks ask little of a language model's upper blocks;
+    the LoRA adapters and heads learn on the output of the last block kept, through the
+    backbone's own final norm. Applied before the adapters are attached or loaded, so a
+    checkpoint names the depth it was trained at and is rebuilt at that depth.
+    """
+    if layers == 0:
+        return
+    blocks, name = decoder_blocks(llm)
+    if not 1 <= layers <= len(blocks):
+        raise BackboneError(f"cannot keep the first {layers} layers: the backbone has {len(blocks)}")
+    setattr(llm.get_decoder(), name, type(blocks)(list(blocks)[:layers]))
+    config = llm.config
+    for field in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, field):
+            setattr(config, field, layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:layers]
+
+
 def add_placeholder_tokens(tokenizer, tokens: tuple[str, ...]) -> None:
     """Add the placeholder tokens as special tokens (a no-op when already present)."""
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kalm.files import raise_naming, write_atomic, write_json_atomic
-from kalm.grounding.backbone import load_backbone, resize_embeddings
+from kalm.grounding.backbone import keep_first_layers, load_backbone, resize_embeddings
 from kalm.grounding.model import GroundedLM, GroundedLMConfig, IOLayers, LoraSettings, NormStats
 
 CONFIG_FILE = "grounding_config.json"
@@ -176,6 +176,7 @@ def _load_llm(path: Path, config: GroundedLMConfig, tokenizer, trainable: bool, 
         raise GroundingCheckpointError(
             f"{path}: the base model {backbone or config.backbone} has a different vocabulary than the one "
             "this adapter was trained on")
+    keep_first_layers(llm, config.layers)
     resize_embeddings(llm, len(tokenizer))
     return PeftModel.from_pretrained(llm, str(path / "adapter"), is_trainable=trainable)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kalm.grounding.backbone import add_placeholder_tokens, load_backbone, resize_embeddings
+from kalm.grounding.backbone import add_placeholder_tokens, keep_first_layers, load_backbone, resize_embeddings
 from kalm.grounding.prompts import PromptBuilder, collate
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,10 +69,13 @@ class GroundedLMConfig:
     state_token: str = "<|state|>"
     action_token: str = "<|action|>"
     base_vocab_size: int = field(default=0)
+    layers: int = 0  # the backbone's first decoder blocks kept (0: all of them)
 
     def __post_init__(self):
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.layers < 0:
+            raise ValueError(f"layers must be 0 (all) or positive, got {self.layers}")
         if self.state_dim <= 0 or self.action_dim <= 0:
             raise ValueError(f"state_dim and action_dim must be positive, got {self.state_dim}, {self.action_dim}")
 
@@ -214,6 +217,7 @@ class GroundedLM(nn.Module):
         """A fresh model around a backbone (loaded from ``config.backbone`` unless given)."""
         if llm is None or tokenizer is None:
             llm, tokenizer = load_backbone(config.backbone)
+        keep_first_layers(llm, config.layers)
         base_vocab = llm.get_input_embeddings().weight.shape[0]
         config = replace(config, base_vocab_size=int(base_vocab))
         add_placeholder_tokens(tokenizer, (config.state_token, config.action_token))
