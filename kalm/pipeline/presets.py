@@ -61,8 +61,6 @@ def metaworld_default() -> PipelineConfig:
         collect=CollectConfig(episodes=2000, epsilon=0.1, chunk_size=100),
         # steered hindsight rollouts as 30 % of grounding cut held-out generation from 63 to 38 % (docs/results.md)
         hindsight=HindsightConfig(episodes=0),
-        # every Meta-World figure was measured with all 30 of SmolLM2's layers
-        grounding=replace(GroundingConfig(), depth=1.0),
         levels=_plain_levels(),
         imagine=ImagineConfig(n=384, robust_noise=0.0, generation=GenerationConfig(max_steps=150, batch_size=16)),
         train=TrainConfig(algo="td3plusbc", steps=5000, imaginary_ratio=0.25),
@@ -75,10 +73,9 @@ def metaworld_default() -> PipelineConfig:
 def clevr_gpu() -> PipelineConfig:
     """``clevr-default`` with 15x the grounding tokens (1,500 steps of 2,560 tokens
     instead of 400 of 640), for one GPU, where the step rate is bound by kernel launches
-    rather than by batch size, with all of the backbone's layers (the GPU has the time).
-    Its task weights favour explanation, as measured with it."""
+    rather than by batch size. Its task weights favour explanation, as measured with it."""
     base = PipelineConfig()
-    grounding = replace(base.grounding, depth=1.0, steps=1500, batch_tokens=2560, max_batch_size=160, warmup_steps=75,
+    grounding = replace(base.grounding, steps=1500, batch_tokens=2560, max_batch_size=160, warmup_steps=75,
                         eval_episodes=200, checkpoint_every=250,
                         task_weights=(("dynamics", 0.5), ("explanation", 3.0), ("generation", 1.0), ("goal", 0.5)))
     imagine = replace(base.imagine, generation=replace(base.imagine.generation, batch_size=240))
@@ -86,14 +83,14 @@ def clevr_gpu() -> PipelineConfig:
 
 
 def clevr_full() -> PipelineConfig:
-    """``clevr-default`` with 4x the expert data (6,400 episodes), 3x the grounding
-    steps (1,200) and all of the backbone's layers, the held-out grounding figures
-    measured along the way (steps 100, 200, 400 and 800 and the end) so the report
-    shows how each grows with steps; the same imagination, policies and evaluation.
-    For users with more time (about 1.5 h on 2 CPU cores) or a GPU."""
+    """``clevr-default`` with 4x the expert data (6,400 episodes) and 3x the grounding
+    steps (1,200), the held-out grounding figures measured along the way (steps 100,
+    200, 400 and 800 and the end) so the report shows how each grows with steps; the
+    same imagination, policies and evaluation. For users with more time (about 1.5 h on
+    2 CPU cores) or a GPU."""
     base = PipelineConfig()
-    grounding = replace(base.grounding, depth=1.0, steps=1200, warmup_steps=45, measure_at=(100, 200, 400, 800))
-    return replace(base, collect=replace(base.collect, episodes=6400), grounding=grounding)
+    return replace(base, collect=replace(base.collect, episodes=6400),
+                   grounding=replace(base.grounding, steps=1200, warmup_steps=45, measure_at=(100, 200, 400, 800)))
 
 
 def clevr_algos() -> PipelineConfig:
