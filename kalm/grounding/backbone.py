@@ -193,10 +193,11 @@ def keep_first_layers(llm, layers: int) -> None:
     """Cut the backbone to its first ``layers`` decoder blocks, in place (0 keeps all).
 
     Grounding and imagination cost time in proportion to the blocks a token passes
-    through, while the grounding tasks ask little of a language model's upper blocks;
-    the LoRA adapters and heads learn on the output of the last block kept, through the
-    backbone's own final norm. Applied before the adapters are attached or loaded, so a
-    checkpoint names the depth it was trained at and is rebuilt at that depth.
+    through, so fewer blocks is a speed setting (``GroundingConfig.depth`` says what it
+    costs in imagination). The LoRA adapters and heads learn on the output of the last
+    block kept, through the backbone's own final norm. Applied before the adapters are
+    attached or loaded, so a checkpoint names the depth it was trained at and is rebuilt
+    at that depth.
     """
     if layers == 0:
         return

@@ -103,11 +103,11 @@ class GroundingConfig:
     io_hidden: int = 256
     # The share of the backbone's decoder blocks kept, from the bottom (1: all of them),
     # a speed setting: grounding and imagination cost less with fewer blocks. All are
-    # kept by default because imagination needs them: with half or two thirds of
+    # kept by default because imagination needs them: with half (or two thirds) of
     # SmolLM2's 30 blocks the held-out figures stayed level, yet half as many imagined
-    # rollouts reached their goal and KALM's lead on easy fell from 32.7 to 23.9 points
-    # (docs/grounding.md). A share rather than a count, so a config means the same for
-    # whichever backbone `--llm` names.
+    # rollouts reached their goal; at half, KALM's lead on easy fell from 32.9 to 23.9
+    # points (docs/grounding.md). A share rather than a count, so a config means the
+    # same for whichever backbone `--llm` names.
     depth: float = 1.0
     # Rollout generation gets 60 % of the micro-batches because imagination is what it
     # feeds: on CLEVR-Robot it quadrupled the imagined rollouts that reach their goal,
