@@ -171,22 +171,22 @@ def load_backbone(path_or_name: str | os.PathLike, trust_remote_code: bool = Fal
     return model, tokenizer
 
 
-def decoder_blocks(llm):
-    """The backbone's list of decoder blocks (``layers`` in Llama-style models, ``h`` in
-    GPT-2-style ones) and the name it is stored under in the decoder."""
+def decoder_blocks(llm) -> tuple:
+    """``(decoder, name)``: the module holding the backbone's list of decoder blocks and
+    the list's attribute (``layers`` in Llama-style models, ``h`` in GPT-2-style ones)."""
     from torch import nn
 
     decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
     for name in ("layers", "h"):
         if isinstance(getattr(decoder, name, None), nn.ModuleList):
-            return getattr(decoder, name), name
+            return decoder, name
     raise BackboneError(f"a {type(llm).__name__} has no list of decoder blocks to cut")
 
 
 def layers_for_depth(llm, depth: float) -> int:
     """How many of the backbone's decoder blocks a share ``depth`` of them is (at least one)."""
-    blocks, _ = decoder_blocks(llm)
-    return max(1, round(depth * len(blocks)))
+    decoder, name = decoder_blocks(llm)
+    return max(1, round(depth * len(getattr(decoder, name))))
 
 
 def keep_first_layers(llm, layers: int) -> None:
@@ -201,10 +201,11 @@ def keep_first_layers(llm, layers: int) -> None:
     """
     if layers == 0:
         return
-    blocks, name = decoder_blocks(llm)
+    decoder, name = decoder_blocks(llm)
+    blocks = getattr(decoder, name)
     if not 1 <= layers <= len(blocks):
         raise BackboneError(f"cannot keep the first {layers} layers: the backbone has {len(blocks)}")
-    setattr(llm.get_decoder(), name, type(blocks)(list(blocks)[:layers]))
+    setattr(decoder, name, blocks[:layers])
     config = llm.config
     for field in ("num_hidden_layers", "n_layer"):
         if hasattr(config, field):
