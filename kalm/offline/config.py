@@ -74,7 +74,7 @@ class TrainConfig:
             natural proportions) and a pipeline chooses by measurement: split, a
             small poor source is repeated hundreds of times at a large imagined
             share; pooled, a large source crowds out the others. ``clevr-default``
-            splits a 10 % share (docs/results.md, *How much rephrase data*).
+            splits a 50 % share (docs/results.md, *The imagined share of each batch*).
         encoder: the instruction encoder (see :mod:`kalm.offline.encoder`).
         hidden_units: the MLP every network uses.
         cql_alpha: weight of CQL's conservative term.
