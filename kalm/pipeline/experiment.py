@@ -132,10 +132,9 @@ class PipelineConfig:
     ablation: AblationPlan = field(default_factory=AblationPlan)
     # Half of each batch is imagined (the paper's 1:1), split evenly between the levels;
     # pooled by transitions, the many rephrase rollouts would crowd out easy and hard.
-    # With today's thousands of kept rollouts and sampled evaluation, KALM's lead on easy
+    # With thousands of kept rollouts and sampled evaluation, KALM's lead on easy
     # grew from +32.9 points at a tenth to +42.3 at half, seen tasks unharmed; at 0.7
-    # seen fell 4 points and rephrase's lead halved (docs/results.md). A tenth was
-    # chosen when a few hundred rollouts were each repeated thousands of times.
+    # seen fell 4 points and rephrase's lead halved (docs/results.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(algo="bc", steps=5000, imaginary_ratio=0.5,
                                                                    imaginary_mix="per_source"))
     # Five training seeds: one seed's policy moves a level by several points, so the
