@@ -65,3 +65,23 @@ def test_unknown_and_missing_encoders_are_refused_clearly(tmp_path):
         load_encoder("bert")
     with pytest.raises(EncoderNotFoundError, match="does not exist"):
         load_encoder(f"st:{tmp_path / 'nowhere'}")
+
+
+def test_a_text_gets_the_same_vector_on_any_number_of_threads():
+    """A pool worker whose first job evaluated a cached policy encoded on two threads,
+    and its later jobs trained on those vectors: two fresh runs gave different policies."""
+    import torch
+
+    model = load_encoder("minilm-seg3")
+    texts = ["push the red ball behind the blue ball", "can you move the green ball to the left of the cyan ball",
+             "make the purple ball be in front of the red ball"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = CachedEncoder(model).encode(texts)
+        torch.set_num_threads(2)
+        two = CachedEncoder(model).encode(texts)
+        assert torch.get_num_threads() == 2  # the caller's setting is left as it was
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(two, one)

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -186,13 +187,17 @@ class CachedEncoder:
                 self._memory[key] = stored.astype(np.float32)
             else:
                 missing[key] = text
-        # One text at a time: in a batch, a text's vector changes in the 7th digit with the
-        # other texts' padding, and which texts a process still has to encode depends on
-        # what it encoded before (a worker's earlier jobs). Batched, two fresh runs of
-        # `kalm run` trained different KALM policies from identical data; alone, a text
-        # always gets the same vector (3x slower to encode: 7 ms a text on one core).
-        for key, text in missing.items():
-            self._memory[key] = self.encoder.encode([text])[0]
+        # One text at a time, on one torch thread: a text's vector changes in the 7th digit
+        # with the other texts' padding in a batch, and with the thread count (the matrix
+        # products split their sums differently). Which texts a process still has to encode,
+        # and on how many threads, depends on its earlier work (a pool worker's earlier
+        # jobs), and a last-digit difference in an instruction's vector grows into a
+        # different policy. Pinned like this, a text always gets the same vector (7 ms a
+        # text on one core).
+        if missing:
+            with _one_torch_thread():
+                for key, text in missing.items():
+                    self._memory[key] = self.encoder.encode([text])[0]
         if self.cache_file is not None and any(k not in self._file_entries for k in keys):
             self._save(keys)
         if not keys:
@@ -206,6 +211,18 @@ class CachedEncoder:
         self._file_entries.update({k: self._memory[k] for k in keys})
         payload = save({k: np.ascontiguousarray(v) for k, v in self._file_entries.items()})
         write_atomic(self.cache_file, lambda f: f.write(payload))
+
+
+@contextmanager
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _LOADED: dict[str, InstructionEncoder] = {}

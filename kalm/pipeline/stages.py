@@ -259,7 +259,12 @@ def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, rea
                imagined: list[StageOutput], progress: bool = True, algo: str | None = None,
                scope: str = "main") -> tuple[StageOutput, StageOutput]:
     """Train one offline-RL policy and evaluate it: ``(train stage, evaluation stage)``.
-    Top-level so a worker process can run it; both stages are cached as usual."""
+    Top-level so a worker process can run it; both stages are cached as usual.
+
+    One torch thread throughout, as training sets: when the training is already cached,
+    the evaluation alone would otherwise run on the process's default threads, fighting
+    the other worker for the cores."""
+    set_torch_threads(1)
     cache, spec = StageCache(stages), get_spec(config.env)
     stage = train_stage(cache, config, method, seed, real, imagined, progress, algo, scope)
     acting = acting_for(config, spec, algo)
