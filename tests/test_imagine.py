@@ -576,6 +576,33 @@ def test_a_chain_stops_at_its_first_failed_part_and_held_parts_take_no_step(tiny
         compose.imagine_composed(source, spec, [Instruction("c", held)], start[None], GenerationConfig(), 3, 0)
 
 
+def test_segments_sharing_a_phrasing_are_generated_together_and_each_chain_keeps_its_own(tiny_model, monkeypatch):
+    """Rows are sent to the model grouped by phrasing (so they share a prefill) and come
+    back to the chain they belong to."""
+    from kalm.envs.clevr.tasks import AllOf
+    from kalm.envs.spec import Instruction
+    from kalm.imagine import compose, generate
+
+    spec = get_spec("clevr")
+    start = np.array([0.3, 0.1, -0.2, 0.1, 0.0, 0.0, -0.4, 0.4, 0.3, 0.4], np.float32)
+    tasks = [AllOf((Relation("red", "blue", "left"), Relation("green", "cyan", "behind"))),
+             AllOf((Relation("cyan", "purple", "front"), Relation("blue", "red", "right")))]
+    prompts = [Instruction(str(i), tasks[i % 2]) for i in range(40)]
+    scripted, batches = _scripted_segments(spec, []), []
+
+    def recorded(model, texts, *args, **kwargs):
+        batches.append(list(texts))
+        return scripted(model, texts, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_rollouts", recorded)
+    chains = compose.imagine_composed(generate.LLMRollouts(tiny_model), spec, prompts, np.stack([start] * 40),
+                                      GenerationConfig(), segment_steps=3, seed=0)
+    assert len(batches) == 2 and all(texts == sorted(texts) for texts in batches)
+    assert len(set(batches[0])) < 40  # some phrasings drawn twice: those rows share a prefill
+    for prompt, chain in zip(prompts, chains):
+        assert prompt.task.success(chain.states[-1], start) and len(chain.actions) == 2
+
+
 @pytest.mark.parametrize("border", [None, "red"])
 def test_each_part_must_hold_robustly_before_the_next_is_asked_for(tiny_model, monkeypatch, border):
     """With the robustness check on, a part reached just inside its goal border ends
