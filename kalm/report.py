@@ -348,6 +348,7 @@ def read_run(run_dir: str | os.PathLike) -> ReportInputs:
                                 "KALM − baseline": paired_differences(files["kalm"], files["baseline"])}
     used = [names["collect"], *([names["hindsight"]] if names.get("hindsight") else []), names["ground"],
             *imagined.values(), *without_llm.values(), *([names["dynamics-mlp"]] if names.get("dynamics-mlp") else []),
+            *([names["embeddings"]] if names.get("embeddings") else []),
             *(n for m in methods for n in names["train"][m]), *(n for m in methods for n in names["evaluate"][m]),
             *{n for rows in compared.values() for stage_names in rows.values() for n in stage_names},
             names["llm-policy"], names["showcase"]]

@@ -85,3 +85,30 @@ def test_a_text_gets_the_same_vector_on_any_number_of_threads():
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(two, one)
+
+
+def test_texts_encoded_into_a_file_are_preloaded_without_the_model(tmp_path, monkeypatch):
+    """The pipeline encodes every instruction once (split between processes) and each
+    policy job preloads the file: the vectors are those encoding gives, and the model is
+    never asked again."""
+    from kalm.offline import encoder as module
+
+    texts = ["push the red ball behind the blue ball", "move the green ball left of the cyan ball", "a third text"]
+    path = tmp_path / "embeddings.safetensors"
+    assert module.encode_to_file("minilm", texts + texts[:1], path, workers=2, progress=False, chunk_size=2) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.safetensors"]
+    expected = CachedEncoder(load_encoder("minilm")).encode(texts)
+
+    monkeypatch.setattr(module, "_MEMORY", {})
+    assert module.preload_embeddings("minilm", path) == 3
+
+    class Unusable:
+        name, dim = "minilm", expected.shape[1]
+
+        def encode(self, texts):
+            raise AssertionError(f"re-encoded {texts}")
+
+    preloaded = CachedEncoder(Unusable(), memory=module._MEMORY["minilm"]).encode(texts)
+    np.testing.assert_array_equal(preloaded, expected)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        module.preload_embeddings("minilm", tmp_path / "missing.safetensors")

@@ -53,7 +53,7 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     assert "BCQ greedy, ε = 0.1" in text.split("## Notes")[1]
     stages = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "stages").iterdir() if not p.name.startswith("."))
     assert "collect" in stages and "ground" in stages and "imagine-hard" in stages and "showcase" in stages
-    assert "hindsight" in stages
+    assert "hindsight" in stages and "embeddings" in stages and "| embeddings |" in times
 
     def stage(prefix):
         (path,) = (tmp_path / "stages").glob(f"{prefix}-*")
@@ -103,9 +103,10 @@ def test_tiny_pipeline_runs_end_to_end_and_reuses_its_stages(tiny_llm, tmp_path,
     monkeypatch.setattr(kalm.pipeline.stages, "free_cores", lambda: 1)  # now one after another, in this process
     run_pipeline(changed, tmp_path)  # only policy training and what follows is redone
     new = {p.name for p in (tmp_path / "stages").iterdir()} - set(before)
-    # the ablation imagines with the baseline's first policy, so its rollouts follow it
+    # the ablation imagines with the baseline's first policy, so its rollouts (and the
+    # instructions the policies meet) follow it
     assert new and all(n.startswith(("train-", "evaluate-baseline", "evaluate-kalm", "evaluate-no-llm",
-                                     "imagine-no-llm-", "showcase")) for n in new)
+                                     "imagine-no-llm-", "embeddings-", "showcase")) for n in new)
     assert sum(n.startswith(("train-", "evaluate-")) for n in new) == 12 + 16  # + BCQ and DT, with and without
     assert sum(n.startswith("imagine-no-llm-") for n in new) == len(config.levels)
 

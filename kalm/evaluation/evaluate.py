@@ -181,6 +181,13 @@ def resolve_levels(spec: EnvSpec, level: str, seed: int) -> dict[str, list[Instr
     return {name: list(spec.levels[name](seed)) for name in names}
 
 
+def planned_texts(spec: EnvSpec, episodes: int, seed: int) -> list[str]:
+    """The instruction of every episode :func:`evaluate` runs on all levels with this
+    seed and episode count, in plan order."""
+    return [p.instruction.text for name, ins in resolve_levels(spec, "all", seed).items()
+            for p in plan_episodes(name, ins, episodes, seed)]
+
+
 def evaluate(
     policy: EvalPolicy,
     spec: EnvSpec,

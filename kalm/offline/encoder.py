@@ -167,14 +167,7 @@ class CachedEncoder:
         self.dim = encoder.dim
         self.cache_file = Path(cache_file) if cache_file is not None else None
         self._memory: dict[str, np.ndarray] = {} if memory is None else memory
-        self._file_entries: dict[str, np.ndarray] = {}
-        if self.cache_file is not None and self.cache_file.exists():
-            from safetensors.numpy import load_file
-
-            try:
-                self._file_entries = dict(load_file(str(self.cache_file)))
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-                raise ValueError(f"embedding cache {self.cache_file} is unreadable: {exc}") from None
+        self._file_entries = _read_cache_file(self.cache_file) if self.cache_file is not None else {}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         keys = [_text_key(self.name, t) for t in texts]
@@ -227,6 +220,81 @@ def _one_torch_thread():
 
 _LOADED: dict[str, InstructionEncoder] = {}
 _MEMORY: dict[str, dict[str, np.ndarray]] = {}
+
+
+def preload_embeddings(name: str, cache_file: str | Path) -> int:
+    """Put every vector of a cache file (written by a :class:`CachedEncoder` of the
+    encoder ``name``) into this process's in-memory cache for ``name``, so that its
+    texts are never encoded here; returns how many entries the file holds.
+
+    Why: ``kalm run`` trains and evaluates many policies in pool workers, and each
+    worker would otherwise encode every instruction it meets again (a fifth of a
+    policy job's time). The vectors are the ones encoding would give (one text at a
+    time, one thread), so a preloaded text changes nothing but the time."""
+    if not Path(cache_file).is_file():
+        raise FileNotFoundError(f"embedding cache {cache_file} does not exist")
+    entries = _read_cache_file(Path(cache_file))
+    memory = _MEMORY.setdefault(name, {})
+    for key, vector in entries.items():
+        memory.setdefault(key, vector.astype(np.float32))
+    return len(entries)
+
+
+def encode_to_file(name: str, texts: Sequence[str], path: str | Path, workers: int = 1,
+                   progress: bool = True, chunk_size: int = 256) -> int:
+    """Encode every distinct text of ``texts`` with the encoder ``name`` into the cache
+    file ``path`` (read back with :func:`preload_embeddings`), beside what the file
+    already holds; returns how many.
+
+    Chunks of ``chunk_size`` texts are encoded by ``workers`` spawned processes (each
+    vector is computed alone on one thread, so which process computed it does not
+    matter), then merged into the file, written atomically."""
+    from safetensors.numpy import save
+    from tqdm.auto import tqdm
+
+    distinct = sorted(set(texts))
+    path = Path(path)
+    parts_dir = path.with_name(path.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    chunks = [distinct[i : i + chunk_size] for i in range(0, len(distinct), chunk_size)]
+    parts = [parts_dir / f"{k}.safetensors" for k in range(len(chunks))]
+    with tqdm(total=len(distinct), desc=f"encode instructions ({name})", unit="text", disable=not progress) as bar:
+        if workers < 2 or len(chunks) < 2:
+            for chunk, part in zip(chunks, parts):
+                bar.update(_encode_chunk(name, chunk, part))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context) as pool:
+                for future in as_completed([pool.submit(_encode_chunk, name, c, p) for c, p in zip(chunks, parts)]):
+                    bar.update(future.result())
+    merged = _read_cache_file(path)
+    for part in parts:
+        merged.update(_read_cache_file(part))
+    payload = save({k: np.ascontiguousarray(v) for k, v in sorted(merged.items())})
+    write_atomic(path, lambda f: f.write(payload))
+    for part in parts:
+        part.unlink()
+    parts_dir.rmdir()
+    return len(distinct)
+
+
+def _encode_chunk(name: str, texts: Sequence[str], path: Path) -> int:
+    shared_encoder(name, path).encode(texts)
+    return len(texts)
+
+
+def _read_cache_file(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"embedding cache {path} is unreadable: {exc}") from None
 
 
 def shared_encoder(name: str = DEFAULT_ENCODER, cache_file: str | Path | None = None) -> CachedEncoder:

@@ -24,6 +24,7 @@ from kalm.pipeline.stages import (
     GroundedModel,
     collect_stage,
     dynamics_stage,
+    embeddings_stage,
     ground_stage,
     hindsight_stage,
     imagine_stage,
@@ -66,7 +67,8 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
         plans = {method: (config.train.algo, extra) for method, extra in trains_on.items()}
         for algo in config.algos:
             plans |= {f"baseline-{algo}": (algo, []), f"kalm-{algo}": (algo, imagined)}
-        policies = policy_stages(cache, config, real, plans)
+        vectors = embeddings_stage(cache, spec, config, real, plans)
+        policies = policy_stages(cache, config, real, plans, vectors)
         llm_evaluation = llm_policy_stage(cache, spec, config, model)
         show = showcase_stage(cache, spec, config, policies[("kalm", config.seeds[0])][0], imagined)
 
@@ -93,6 +95,7 @@ def run_pipeline(config: PipelineConfig, out: str | os.PathLike) -> Path:
                 "imagine-no-llm": [[s.name.removeprefix("imagine-no-llm-"), s.path.name]
                                    for s in trains_on.get("no-llm", [])],
                 "dynamics-mlp": dynamics.path.name if config.ablation.enabled else None,
+                "embeddings": vectors.path.name,
                 "train": {method: names(method, 0) for method in trains_on},
                 "evaluate": {method: names(method, 1) for method in trains_on},
                 # algorithm -> its baseline's and its KALM policy's evaluation stages, and

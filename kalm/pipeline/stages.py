@@ -255,16 +255,51 @@ def llm_policy_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, m
                           ["kalm.imagine.llm_policy", "kalm.grounding.checkpoint"], acting=acting, scope="collective")
 
 
+def embeddings_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, real: StageOutput,
+                     plans: Mapping[str, tuple[str, list[StageOutput]]]) -> StageOutput:
+    """Every instruction the policy jobs of ``plans`` (as for :func:`policy_stages`)
+    meet: the real and imagined data and every seed's evaluation episodes, encoded once
+    by each encoder they use into one cache file that every job preloads. Without it,
+    each pool worker encodes them all again (a fifth of a job's time)."""
+    from kalm.evaluation.evaluate import planned_texts
+    from kalm.offline.encoder import encode_to_file
+
+    imagined = list({s.key: s for _, extra in plans.values() for s in extra}.values())
+    encoders = sorted({train_config_for(config, algo).encoder for algo, _ in plans.values()})
+    plans = [plan_seed(config, seed) for seed in config.seeds]
+
+    def build(work: Path):
+        files = [real.path / "real.h5", *(s.path / "imagined.h5" for s in imagined)]
+        texts = {e.instruction for path in files if path.exists() for e in load_episodes(path, spec).episodes}
+        for plan in plans:
+            texts.update(planned_texts(spec, config.eval_episodes, plan))
+        for name in encoders:
+            encode_to_file(name, sorted(texts), work / EMBEDDINGS_FILE, workers=free_cores())
+        return {"texts": len(texts), "encoders": encoders}
+
+    return cache.run("embeddings", {"encoders": encoders, "episodes": config.eval_episodes, "plans": plans}, build,
+                     {"real": real.key, **{s.name: s.key for s in imagined}},
+                     code=["kalm.offline.encoder", "kalm.evaluation.evaluate"])
+
+
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
 def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, real: StageOutput,
                imagined: list[StageOutput], progress: bool = True, algo: str | None = None,
-               scope: str = "main") -> tuple[StageOutput, StageOutput]:
+               scope: str = "main", embeddings: StageOutput | None = None) -> tuple[StageOutput, StageOutput]:
     """Train one offline-RL policy and evaluate it: ``(train stage, evaluation stage)``.
     Top-level so a worker process can run it; both stages are cached as usual.
 
     One torch thread throughout, as training sets: when the training is already cached,
     the evaluation alone would otherwise run on the process's default threads, fighting
-    the other worker for the cores."""
+    the other worker for the cores. The instructions' vectors come from ``embeddings``
+    (:func:`embeddings_stage`) where given."""
     set_torch_threads(1)
+    if embeddings is not None:
+        from kalm.offline.encoder import preload_embeddings
+
+        preload_embeddings(train_config_for(config, algo).encoder, embeddings.path / EMBEDDINGS_FILE)
     cache, spec = StageCache(stages), get_spec(config.env)
     stage = train_stage(cache, config, method, seed, real, imagined, progress, algo, scope)
     acting = acting_for(config, spec, algo)
@@ -276,11 +311,12 @@ def policy_job(stages: Path, config: PipelineConfig, method: str, seed: int, rea
 
 
 def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
-                  plans: Mapping[str, tuple[str, list[StageOutput]]],
+                  plans: Mapping[str, tuple[str, list[StageOutput]]], vectors: StageOutput | None = None,
                   ) -> dict[tuple[str, int], tuple[StageOutput, StageOutput]]:
     """Every (method, seed) policy trained and evaluated: ``{(method, seed): (train, evaluation)}``.
     ``plans`` maps each method to its algorithm and the imagined stages it trains on
-    besides the real data (``[]`` for a baseline).
+    besides the real data (``[]`` for a baseline); ``vectors`` is the
+    :func:`embeddings_stage` of these plans, if any.
 
     Why processes: d3rlpy's networks are small, so a training run (and the simulator in
     evaluation) keeps one core busy and no more; with two cores idle, two policies
@@ -293,13 +329,14 @@ def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
     index, count = process_group()
     if count > 1:
         for m, s, a, extra in shard(jobs, index, count):
-            policy_job(cache.root, config, m, s, real, extra, index == 0, a, scope="local")
+            policy_job(cache.root, config, m, s, real, extra, index == 0, a, "local", vectors)
         wait_for_everyone()
-        return {(m, s): policy_job(cache.root, config, m, s, real, extra, False, a, scope="local")
+        return {(m, s): policy_job(cache.root, config, m, s, real, extra, False, a, "local", vectors)
                 for m, s, a, extra in jobs}
     workers = min(len(jobs), free_cores())
     if workers < 2:
-        return {(m, s): policy_job(cache.root, config, m, s, real, extra, algo=a) for m, s, a, extra in jobs}
+        return {(m, s): policy_job(cache.root, config, m, s, real, extra, algo=a, embeddings=vectors)
+                for m, s, a, extra in jobs}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -307,7 +344,7 @@ def policy_stages(cache: StageCache, config: PipelineConfig, real: StageOutput,
 
     done = {}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(policy_job, cache.root, config, m, s, real, extra, False, a): (m, s)
+        futures = {pool.submit(policy_job, cache.root, config, m, s, real, extra, False, a, "main", vectors): (m, s)
                    for m, s, a, extra in jobs}
         with tqdm(total=len(jobs), desc=f"train + evaluate policies ({workers} at once)", unit="policy") as bar:
             for future in as_completed(futures):
