@@ -3,7 +3,8 @@ every stage and print one markdown table per stage (also written as JSON).
 
 Sections: environment speed and expert success; grounding tokens/s and peak memory
 (LoRA vs full, SmolLM2 and the tiny test model); KV-cached vs recomputed generation;
-shared vs separate prefill for several start states per instruction; fp32 vs bf16 inference;
+shared vs separate prefill for several start states per instruction; hard segments in drawn order vs
+grouped by phrasing; fp32 vs bf16 inference;
 the LLM as a policy one episode at a time vs in lockstep batches;
 offline RL steps/s; grounding and imagination at 1 and 2 processes; end-to-end stage
 times of a finished ``kalm run`` directory.
@@ -79,6 +80,9 @@ def main() -> None:
         table, rows = generation.run_shared_prefill(model, batch=16 if args.quick else 64,
                                                     repeats=1 if args.quick else 3)
         sections["shared_prefill"] = {"table": table, "rows": rows}
+        print(table, "\n", flush=True)
+        table, rows = generation.run_segment_order(model, prompts=128 if args.quick else 2000)
+        sections["segment_order"] = {"table": table, "rows": rows}
         print(table, "\n", flush=True)
         table, rows = generation.run_precision(model, batch=16 if args.quick else 64,
                                                rollouts=32 if args.quick else 128, repeats=1 if args.quick else 3)

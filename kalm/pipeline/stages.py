@@ -266,18 +266,19 @@ def embeddings_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, r
 
     imagined = list({s.key: s for _, extra in plans.values() for s in extra}.values())
     encoders = sorted({train_config_for(config, algo).encoder for algo, _ in plans.values()})
-    plans = [plan_seed(config, seed) for seed in config.seeds]
+    evaluation_plans = [plan_seed(config, seed) for seed in config.seeds]
 
     def build(work: Path):
         files = [real.path / "real.h5", *(s.path / "imagined.h5" for s in imagined)]
         texts = {e.instruction for path in files if path.exists() for e in load_episodes(path, spec).episodes}
-        for plan in plans:
+        for plan in evaluation_plans:
             texts.update(planned_texts(spec, config.eval_episodes, plan))
         for name in encoders:
             encode_to_file(name, sorted(texts), work / EMBEDDINGS_FILE, workers=free_cores())
         return {"texts": len(texts), "encoders": encoders}
 
-    return cache.run("embeddings", {"encoders": encoders, "episodes": config.eval_episodes, "plans": plans}, build,
+    return cache.run("embeddings", {"encoders": encoders, "episodes": config.eval_episodes, "plans": evaluation_plans},
+                     build,
                      {"real": real.key, **{s.name: s.key for s in imagined}},
                      code=["kalm.offline.encoder", "kalm.evaluation.evaluate"])
 
