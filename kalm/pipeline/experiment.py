@@ -73,10 +73,12 @@ def _default_levels() -> dict[str, LevelPlan]:
     # Rephrase and easy actions are sampled: greedy decoding of a weakly grounded model
     # collapses onto the push directions it is surest of. Hard stays greedy (sampling
     # kept fewer composed rollouts) and its whole-task instructions are capped at 4 steps.
+    # KALM's hard lead grows with the hard rollouts kept: 16,000 prompts (316 kept) gave
+    # +8.1 points where 8,000 (161 kept) gave +3.8, for two more minutes of imagination.
     return {
         "rephrase": LevelPlan(n=14400, max_steps=3, starts_per_instruction=6, temperature=1.0),
         "easy": LevelPlan(n=1920, temperature=1.0),
-        "hard": LevelPlan(n=8000, max_steps=4, compose=True),
+        "hard": LevelPlan(n=16000, max_steps=4, compose=True),
     }
 
 
