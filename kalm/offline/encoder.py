@@ -225,12 +225,9 @@ _MEMORY: dict[str, dict[str, np.ndarray]] = {}
 def preload_embeddings(name: str, cache_file: str | Path) -> int:
     """Put every vector of a cache file (written by a :class:`CachedEncoder` of the
     encoder ``name``) into this process's in-memory cache for ``name``, so that its
-    texts are never encoded here; returns how many entries the file holds.
-
-    Why: ``kalm run`` trains and evaluates many policies in pool workers, and each
-    worker would otherwise encode every instruction it meets again (a fifth of a
-    policy job's time). The vectors are the ones encoding would give (one text at a
-    time, one thread), so a preloaded text changes nothing but the time."""
+    texts are never encoded here; returns how many entries the file holds. The vectors
+    are the ones encoding would give (one text at a time, one thread), so a preloaded
+    text changes nothing but the time (see :func:`kalm.pipeline.stages.embeddings_stage`)."""
     if not Path(cache_file).is_file():
         raise FileNotFoundError(f"embedding cache {cache_file} does not exist")
     entries = _read_cache_file(Path(cache_file))

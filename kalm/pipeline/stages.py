@@ -260,7 +260,8 @@ def embeddings_stage(cache: StageCache, spec: EnvSpec, config: PipelineConfig, r
     """Every instruction the policy jobs of ``plans`` (as for :func:`policy_stages`)
     meet: the real and imagined data and every seed's evaluation episodes, encoded once
     by each encoder they use into one cache file that every job preloads. Without it,
-    each pool worker encodes them all again (a fifth of a job's time)."""
+    each pool worker encoded them all again: alone, one policy's evaluation spent 14.5
+    of its 34 s encoding, and the main job's 15 policies took 7:05 instead of 5:15."""
     from kalm.evaluation.evaluate import planned_texts
     from kalm.offline.encoder import encode_to_file
 
