@@ -457,8 +457,15 @@ def report(run_dir: Path = typer.Option(..., "--run", help="A run directory writ
     typer.echo(f"report: {written} (and {written.with_suffix('.html')})")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:
+    """The console entry point: the command, then the process group's teardown (see
+    :func:`kalm.parallel.close_process_group`), however the command ends."""
+    from kalm.parallel import close_process_group
+
+    try:
+        app()
+    finally:
+        close_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

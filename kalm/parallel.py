@@ -13,6 +13,7 @@ written to or read from disk.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -80,6 +81,21 @@ def wait_for_everyone() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's process group, if this process has one, while the
+    interpreter is still whole. Left to interpreter shutdown, gloo's worker threads can
+    still hold work objects whose teardown needs the interpreter, and the process aborts
+    after its work is done ("terminate called without an active exception", pytorch
+    issue 190489), failing the launch. Local to each process, so a process that fails
+    alone never waits here for the others."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share_from_first(value: T | None) -> T:

@@ -198,3 +198,23 @@ def test_kalm_run_refuses_a_global_batch_the_processes_cannot_share(tmp_path, ti
     log = (tmp_path / "log").read_text()
     assert "error: config field 'grounding.micro_batches'" in log and '{"grounding": {"micro_batches": 2}}' in log
     assert not (tmp_path / "run" / "stages").exists()
+
+
+@pytest.mark.parametrize("argv", [["kalm", "--help"], ["kalm", "evaluate", "--policy", "no-such-policy"]],
+                         ids=["succeeds", "fails"])
+def test_the_command_line_destroys_its_process_group_however_the_command_ends(tmp_path, monkeypatch, argv):
+    """Left to interpreter shutdown, a gloo group can abort a process that has finished
+    its work (kalm.parallel.close_process_group); the entry point destroys it first."""
+    import torch.distributed as dist
+
+    from kalm import cli
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
